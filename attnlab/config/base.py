@@ -1,0 +1,59 @@
+"""Shared base for typed configs: strict pydantic models whose errors name the key path."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from attnlab.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys and wrong types are errors; configs are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+
+def _format_loc(prefix: str, loc: tuple) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("standard", "bottleneck", "decoupled") or str(item).startswith("function-"):
+            # discriminated-union tags and validator wrappers are not part of the user's key path
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def validation_error_to_config_error(err: ValidationError, prefix: str = "") -> ConfigError:
+    """Turn the first pydantic error into a one-line ``ConfigError`` (key path + value)."""
+    first = err.errors(include_url=False)[0]
+    path = _format_loc(prefix, tuple(first["loc"]))
+    kind = first["type"]
+    msg = first["msg"]
+    if kind == "extra_forbidden":
+        return ConfigError(path, "unknown key", first.get("input"))
+    if kind == "missing":
+        return ConfigError(path, "required key is missing", show_value=False, value=None)
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    value = first.get("input")
+    # Cross-field checks name their keys and values in the message ("sem_dim=18 is not ...");
+    # echoing the whole enclosing mapping would only bury that.
+    show = kind != "union_tag_invalid" and not isinstance(value, (dict, list))
+    return ConfigError(path, msg, value, show_value=show)
+
+
+def validate_section(cls: type[T], data: Any, prefix: str) -> T:
+    """Validate ``data`` as ``cls``; raise ``ConfigError`` naming ``prefix.<key>`` on failure."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping for {cls.__name__}", data)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise validation_error_to_config_error(err, prefix) from None

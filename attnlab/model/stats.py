@@ -1,0 +1,81 @@
+"""Analytic numbers a user compares architectures by before training: parameters,
+FLOPs per token and KV-cache bytes per token (per layer and total, per cache format)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attnlab.config.attention import AttentionDims, DecoupledAttentionConfig
+from attnlab.config.model import ModelConfig
+from attnlab.quant.formats import get_format
+
+#: formats shown by default; DBA models also get the paper's heterogeneous policy
+DEFAULT_FORMATS = ("fp16", "q8_0", "q4_0")
+PAPER_DBA_POLICY = {"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}
+
+
+def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str) -> int:
+    """Bytes one token adds to one layer's cache; ``formats`` is one format or field -> format."""
+    total = 0
+    for name, head_dim in dims.cache_fields.items():
+        fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
+        total += get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
+    return total
+
+
+def policy_label(formats: dict[str, str] | str) -> str:
+    return formats if isinstance(formats, str) else ",".join(f"{k}={v}" for k, v in formats.items())
+
+
+@dataclass
+class ModelStats:
+    params: int
+    params_non_embedding: int
+    flops_per_token_forward: int         # at a full block_size context (causal average)
+    attention_dims: list[AttentionDims]
+    kv_bytes: dict[str, list[int]] = field(default_factory=dict)  # policy label -> per layer
+
+    @property
+    def flops_per_token_train(self) -> int:
+        return 3 * self.flops_per_token_forward
+
+    def kv_total(self, label: str) -> int:
+        return sum(self.kv_bytes[label])
+
+
+def _meta_model(cfg: ModelConfig):
+    from attnlab.model.decoder import DecoderLM  # local: building is only needed for counting
+
+    with torch.device("meta"):
+        return DecoderLM(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts from the real module tree on the meta device."""
+    model = _meta_model(cfg)
+    return model.num_parameters(), model.num_parameters(exclude_embedding=True)
+
+
+def model_stats(cfg: ModelConfig, formats: tuple[str, ...] = DEFAULT_FORMATS) -> ModelStats:
+    model = _meta_model(cfg)
+    total, non_embedding = model.num_parameters(), model.num_parameters(exclude_embedding=True)
+    dims = [layer.dims for layer in model.attention_layers()]
+    # matmul FLOPs: 2 per weight per token, LM head included, embedding lookup excluded;
+    # norm weights, biases and null tokens cost no matmul
+    matmul_params = sum(p.numel() for n, p in model.named_parameters()
+                        if p.dim() == 2 and "null_" not in n and n != "embed.weight")
+    matmul_params += cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    mean_context = (cfg.block_size + 1) / 2
+    attn_flops = 0.0
+    for d in dims:
+        keys = mean_context + (1 if d.null_token else 0)
+        attn_flops += 2 * d.num_heads * (d.qk_head_dim + d.v_head_dim) * keys
+    stats = ModelStats(total, non_embedding, int(2 * matmul_params + attn_flops), dims)
+    policies: list[dict[str, str] | str] = list(formats)
+    if any(isinstance(s, DecoupledAttentionConfig) for s in cfg.attention_specs()):
+        policies.append(PAPER_DBA_POLICY)
+    for policy in policies:
+        stats.kv_bytes[policy_label(policy)] = [kv_bytes_per_token_layer(d, policy) for d in dims]
+    return stats

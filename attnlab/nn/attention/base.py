@@ -1,0 +1,68 @@
+"""The attention family's shared forward: project -> (fused | eager) attention -> output proj."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnlab.config.attention import AttentionDims
+from attnlab.nn.attention.functional import default_scales, eager_attention, fused_causal_attention
+from attnlab.nn.context import ForwardContext
+
+
+@dataclass
+class Projected:
+    """Per-field queries (B, H, T, d_f) and keys (B, KV, T, d_f), aligned with
+    ``dims.key_fields``; values (B, KV, T, d_v). Rotary fields are already rotated."""
+
+    q: list[torch.Tensor]
+    k: list[torch.Tensor]
+    v: torch.Tensor
+
+
+class AttentionLayer(nn.Module):
+    """Base of every variant. Subclasses define the projections (``project``) and may own a null
+    token (``null_keys``/``null_value``); scoring, masking and the output projection live here."""
+
+    dims: AttentionDims
+    out: nn.Linear
+
+    def __init__(self, dims: AttentionDims, layer_index: int, dropout: float):
+        super().__init__()
+        self.dims = dims
+        self.layer_index = layer_index
+        self.dropout = dropout
+        self.scales = default_scales([f.head_dim for f in dims.key_fields])
+        if dims.null_token:
+            kv = dims.num_kv_heads
+            self.null_keys = nn.ParameterDict(
+                {f.name: nn.Parameter(torch.zeros(kv, f.head_dim)) for f in dims.key_fields})
+            self.null_value = nn.Parameter(torch.zeros(kv, dims.v_head_dim))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
+        raise NotImplementedError  # abstract: every variant defines its projections
+
+    def null_kv(self) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        if not self.dims.null_token:
+            return None, None
+        return [self.null_keys[f.name] for f in self.dims.key_fields], self.null_value
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        batch, t_len, _ = x.shape
+        p = self.project(x, ctx.positions)
+        null_k, null_v = self.null_kv()
+        if ctx.attention_impl == "eager":
+            y = eager_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v)
+        else:
+            y = fused_causal_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v,
+                                       dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, t_len, -1)  # (B, T, H * d_v)
+        return self.out(y)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, heads * d) -> (B, heads, T, d)."""
+    batch, t_len, _ = x.shape
+    return x.view(batch, t_len, num_heads, -1).transpose(1, 2)

@@ -1,0 +1,77 @@
+"""Rotary position embeddings: half-split (HF/NeoX) or interleaved pairs, Llama-3 scaling,
+explicit frequency lists."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnlab.config.attention import Llama3RopeScaling, RopeConfig
+
+
+def rope_inv_freq(cfg: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Angular frequency of each rotated pair, float64 [head_dim // 2]."""
+    if cfg.inv_freq is not None:
+        return torch.tensor(cfg.inv_freq, dtype=torch.float64)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    inv_freq = 1.0 / (cfg.theta ** exponents)
+    if cfg.scaling is not None:
+        inv_freq = apply_llama3_scaling(inv_freq, cfg.scaling)
+    return inv_freq
+
+
+def apply_llama3_scaling(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
+    """Llama-3.1 frequency scaling: long wavelengths divided by ``factor``, short ones kept,
+    a smooth blend in between."""
+    low_freq_wavelen = s.original_max_position / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to tensors shaped (B, heads, T, head_dim) at given absolute positions."""
+
+    def __init__(self, cfg: RopeConfig, head_dim: int):
+        super().__init__()
+        self.style = cfg.style
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, head_dim).float(), persistent=False)
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (…, T, head_dim // 2) for integer ``positions`` ((T,) or (B, T))."""
+        cached = self._cos_sin
+        if (cached is None or cached[0].device != positions.device
+                or cached[0].shape[0] <= int(positions.max())):
+            length = max(int(positions.max()) + 1, 64)
+            length = 1 << (length - 1).bit_length()  # amortized growth for long decodes
+            # positions up to 2^24 are exact in float32; angles computed in float64 for accuracy
+            t = torch.arange(length, dtype=torch.float64, device=positions.device)
+            angles = torch.outer(t, self.inv_freq.to(device=positions.device, dtype=torch.float64))
+            cached = (angles.cos(), angles.sin())  # float64; cast to the input dtype on use
+            self._cos_sin = cached
+        cos, sin = cached[0][positions], cached[1][positions]
+        return cos.to(dtype), sin.to(dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(positions, x.dtype)  # (T, d/2) or (B, T, d/2)
+        if cos.dim() == 3:  # per-sequence positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return apply_rotary(x, cos, sin, self.style)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate pairs of ``x`` (…, T, d) by angles whose cos/sin are (…, T, d/2)."""
+    if style == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x_pairs = x.unflatten(-1, (-1, 2))
+    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -1,0 +1,45 @@
+"""Storage formats of cached tensors and their exact byte cost.
+
+Quantized formats pack blocks of values along a cache row (one token's field across all kv heads,
+as ggml does): q8_0 = 32 int8 + fp16 scale (34 B), q4_0 = 32 nibbles + fp16 scale (18 B),
+nf4 = 64 nibbles + fp16 absmax (34 B). A row whose length is not a block multiple is zero-padded
+to the next block, and that padding is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    block_size: int          # values per block
+    block_bytes: int         # bytes per block, scale included
+    quantized: bool
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.block_bytes / self.block_size
+
+    def row_bytes(self, num_values: int) -> int:
+        """Bytes one row of ``num_values`` occupies (padded to whole blocks)."""
+        blocks = -(-num_values // self.block_size)
+        return blocks * self.block_bytes
+
+
+FORMATS: dict[str, Format] = {
+    "fp32": Format("fp32", 1, 4, False),
+    "fp16": Format("fp16", 1, 2, False),
+    "bf16": Format("bf16", 1, 2, False),
+    "q8_0": Format("q8_0", 32, 34, True),
+    "q4_0": Format("q4_0", 32, 18, True),
+    "nf4": Format("nf4", 64, 34, True),
+}
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown cache format {name!r}; known: {', '.join(FORMATS)}") from None
