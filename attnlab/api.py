@@ -1,0 +1,66 @@
+"""Public Python API: ``build_model(config)`` and ``load(run_dir_or_checkpoint)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from attnlab.config.base import validate_section
+from attnlab.config.data import TokenizerConfig
+from attnlab.config.model import ModelConfig
+from attnlab.errors import AttnlabError, CheckpointError
+from attnlab.model.decoder import DecoderLM
+from attnlab.model.decoder import build_model as _build_from_config
+
+
+def build_model(config: ModelConfig | dict) -> DecoderLM:
+    """A freshly initialized model from a ``ModelConfig`` or a plain dict (validated first)."""
+    if not isinstance(config, ModelConfig):
+        config = validate_section(ModelConfig, config, "model")
+    return _build_from_config(config)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's ``best.pt`` (else ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: run folder holds no best.pt or last.pt")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def load(path: str | Path, *, map_location: str = "cpu") -> DecoderLM:
+    """Load a trained model (eval mode) from a run folder or a ``.pt`` checkpoint."""
+    from attnlab.train.checkpoint import read_checkpoint  # local: keep `import attnlab` light
+
+    ckpt = resolve_checkpoint(path)
+    payload = read_checkpoint(ckpt, required=("format", "version", "model_config", "model"),
+                              map_location=map_location)
+    try:
+        cfg = validate_section(ModelConfig, payload["model_config"], "model_config")
+    except AttnlabError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: invalid model config: {err}") from None
+    model = _build_from_config(cfg)
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {ckpt}: weights do not fit the model config ({first})") from None
+    return model.eval()
+
+
+def run_tokenizer(path: str | Path) -> TokenizerConfig | None:
+    """The tokenizer a run trained with, from its ``resolved_config.json`` (None if unknown)."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    resolved = run_dir / "resolved_config.json"
+    if not resolved.is_file():
+        return None
+    data = json.loads(resolved.read_text()).get("data", {})
+    if "tokenizer" not in data:
+        return None
+    return TokenizerConfig.model_validate(data["tokenizer"])

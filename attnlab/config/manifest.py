@@ -1,0 +1,156 @@
+"""Typed skeleton of a manifest: top-level keys, groups and runs.
+
+The ``model``/``data``/``train`` sections stay partial mappings here; ``attnlab.manifest`` merges
+them per run and validates the result as ``ModelConfig``/``DataConfig``/``TrainConfig``. This
+module sees the tree *after* ``extends`` and ``${vars}`` have been resolved.
+
+Later work adds per-run keys (``mode``, ``verify``) and per-group ``benchmarks`` as new fields of
+``RunSpec``/``GroupSpec``; until then they are unknown keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field, field_validator
+
+from attnlab.config.base import StrictModel, validate_section
+from attnlab.errors import ConfigError
+
+MANIFEST_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+# Every key a manifest file (or a file it extends) may have at its top level.
+TOP_LEVEL_KEYS = (
+    "version", "name", "description", "extends", "vars", "defaults", "model", "data", "train", "groups",
+)
+SECTIONS = ("model", "data", "train")
+
+
+def _not_only_dots(value: str) -> str:
+    if value.strip(".") == "":
+        raise ValueError("must not consist of dots only (it names a folder)")
+    return value
+
+
+# Used in folder names: <out_dir>/<name>/<group>/<run_id>.
+Name = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_only_dots)]
+
+
+def _none_is_empty(value: Any) -> Any:
+    # ``model:`` with nothing after it is YAML null; read it as an empty section.
+    return {} if value is None else value
+
+
+class ManifestDefaults(StrictModel):
+    """Run-level defaults. ``out_dir``: root of run folders (relative: against the current
+    working directory); each run writes to ``<out_dir>/<manifest name>/<group>/<run id>``."""
+
+    out_dir: str = Field("runs", min_length=1)
+
+
+class RunSpec(StrictModel):
+    """One run: partial sections merged over the manifest's top-level sections."""
+
+    id: Name
+    description: str = ""
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    _sections_none = field_validator("model", "data", "train", mode="before")(_none_is_empty)
+
+
+class GroupSpec(StrictModel):
+    """A named list of runs (``attnlab run M.yml --group G`` selects one)."""
+
+    name: Name
+    description: str = ""
+    runs: list[RunSpec] = Field(min_length=1)
+
+
+class ManifestSpec(StrictModel):
+    """The whole manifest after ``extends`` and ``${vars}`` resolution (``vars`` holds the
+    resolved values)."""
+
+    version: int
+    name: Name
+    description: str = ""
+    vars: dict[str, Any] = Field(default_factory=dict)
+    defaults: ManifestDefaults = Field(default_factory=ManifestDefaults)
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    groups: list[GroupSpec] = Field(min_length=1)
+
+    _none = field_validator("vars", "defaults", "model", "data", "train", mode="before")(_none_is_empty)
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: int) -> int:
+        if value != MANIFEST_VERSION:
+            raise ValueError(f"unsupported manifest version; this attnlab reads version {MANIFEST_VERSION}")
+        return value
+
+
+def item_label(list_key: str | None, index: int, item: Any) -> str:
+    """``[i]`` plus ``(name)`` for groups and ``(id)`` for runs, so paths read
+    ``groups[0](compare).runs[1](dba).model``."""
+    label_key = {"groups": "name", "runs": "id"}.get(list_key or "")
+    label = item.get(label_key) if label_key and isinstance(item, dict) else None
+    return f"[{index}]({label})" if isinstance(label, str) else f"[{index}]"
+
+
+def parse_manifest(tree: Any) -> ManifestSpec:
+    """Validate the manifest skeleton; errors name e.g. ``groups[0](compare).runs[2](x).id``."""
+    if not isinstance(tree, dict):
+        raise ConfigError("", "a manifest must be a mapping", type(tree).__name__)
+    if "version" not in tree:
+        raise ConfigError("version", "required key is missing", show_value=False)
+    version = tree["version"]
+    if type(version) is not int or version != MANIFEST_VERSION:
+        raise ConfigError(
+            "version", f"unsupported manifest version; this attnlab reads version {MANIFEST_VERSION}", version
+        )
+    # Validate runs and groups one by one first, so their errors carry the (name)/(id) labels.
+    groups = tree.get("groups")
+    if isinstance(groups, list):
+        for gi, group in enumerate(groups):
+            gpath = "groups" + item_label("groups", gi, group)
+            _require_mapping(group, gpath, "a group", GroupSpec)
+            runs = group.get("runs")
+            if isinstance(runs, list):
+                for ri, run in enumerate(runs):
+                    rpath = f"{gpath}.runs{item_label('runs', ri, run)}"
+                    _require_mapping(run, rpath, "a run", RunSpec)
+                    validate_section(RunSpec, run, rpath)
+            validate_section(GroupSpec, group, gpath)
+    spec = validate_section(ManifestSpec, tree, "")
+    _check_unique(spec)
+    return spec
+
+
+def _require_mapping(value: Any, path: str, what: str, cls: type[StrictModel]) -> None:
+    if not isinstance(value, dict):
+        keys = ", ".join(cls.model_fields)
+        raise ConfigError(path, f"expected {what}: a mapping with keys {keys}", value,
+                          show_value=not isinstance(value, (dict, list)))
+
+
+def _check_unique(spec: ManifestSpec) -> None:
+    seen_groups: dict[str, int] = {}
+    for gi, group in enumerate(spec.groups):
+        gpath = f"groups[{gi}]({group.name})"
+        if group.name in seen_groups:
+            raise ConfigError(
+                f"{gpath}.name", f"duplicate group name (also groups[{seen_groups[group.name]}])", group.name
+            )
+        seen_groups[group.name] = gi
+        seen_runs: dict[str, int] = {}
+        for ri, run in enumerate(group.runs):
+            if run.id in seen_runs:
+                raise ConfigError(
+                    f"{gpath}.runs[{ri}]({run.id}).id",
+                    f"duplicate run id in group '{group.name}' (also runs[{seen_runs[run.id]}])",
+                    run.id,
+                )
+            seen_runs[run.id] = ri

@@ -1,0 +1,466 @@
+"""Manifest YAML -> validated ``Plan`` of runs.
+
+Pipeline (every step raises ``ConfigError`` naming the key path and value):
+
+1. read YAML (safe loader; duplicate keys are errors, ``1e-4`` is a float, dates stay strings);
+2. expand ``extends`` recursively: the listed files are deep-merged in order *underneath* the file;
+3. apply ``vars.*`` / ``defaults.*`` overrides;
+4. resolve ``vars`` (they may reference each other) and substitute ``${name}`` everywhere else;
+5. check the skeleton (``attnlab.config.manifest.ManifestSpec``);
+6. per run: deep-merge the top-level ``model``/``data``/``train`` under the run's own, apply the
+   ``model.*``/``data.*``/``train.*`` overrides, validate as ``ModelConfig``/``DataConfig``/
+   ``TrainConfig``.
+
+Format reference: docs/manifests.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from attnlab.config.base import validate_section
+from attnlab.config.data import DataConfig
+from attnlab.config.manifest import SECTIONS, TOP_LEVEL_KEYS, ManifestSpec, item_label, parse_manifest
+from attnlab.config.model import ModelConfig
+from attnlab.config.train import TrainConfig
+from attnlab.errors import ConfigError
+
+__all__ = [
+    "Plan", "ResolvedRun", "apply_overrides", "deep_merge", "load_plan", "load_plan_from_dict",
+    "parse_override", "parse_yaml",
+]
+
+PRE_OVERRIDE_ROOTS = ("vars", "defaults")  # applied before ${vars} resolution
+RUN_OVERRIDE_ROOTS = SECTIONS  # applied to every resolved run after its merge
+
+
+# ------------------------------------------------------------------ result types
+@dataclass(frozen=True)
+class ResolvedRun:
+    name: str  # manifest name
+    group: str
+    run_id: str
+    description: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    run_dir: Path  # <out_dir>/<name>/<group>/<run_id>
+    resolved: dict  # {"model": ..., "data": ..., "train": ...}: JSON-able, validated
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    source: Path | None
+    runs: list[ResolvedRun]
+    overrides: list[str]
+    description: str = ""
+    vars: dict = field(default_factory=dict)  # resolved ${vars}
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (what ``attnlab compile --print-plan`` shows)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": str(self.source) if self.source is not None else None,
+            "overrides": list(self.overrides),
+            "vars": copy.deepcopy(self.vars),
+            "runs": [
+                {"key": r.key, "description": r.description, "run_dir": str(r.run_dir), **copy.deepcopy(r.resolved)}
+                for r in self.runs
+            ],
+        }
+
+
+# ------------------------------------------------------------------ YAML
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus: duplicate mapping keys are errors, YAML 1.2 floats (``1e-4``,
+    ``1.0e3``) are floats rather than strings, and dates stay strings."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable key: the base constructor reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error becomes ``ConfigError('<where>:<line>:<col>', ...)``.
+
+    ``${name}`` needs no quotes, also inside ``{...}``/``[...]``."""
+    try:
+        return _load_yaml(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        message = err.problem or "invalid YAML"
+        if err.context:
+            message += f" ({err.context}"
+            cm = err.context_mark
+            message += f" at line {cm.line + 1}, column {cm.column + 1})" if cm else ")"
+        raise ConfigError(loc, "YAML syntax error: " + " ".join(message.split()),
+                          show_value=False) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(where, "YAML error: " + " ".join(str(err).split()), show_value=False) from None
+
+
+def _read_file(path: Path, shown: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(shown, "manifest file not found", show_value=False) from None
+    except IsADirectoryError:
+        raise ConfigError(shown, "expected a manifest file, found a directory", show_value=False) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(shown, f"cannot read manifest: {err}", show_value=False) from None
+    return parse_yaml(text, shown)
+
+
+def _shown_value(value: Any) -> bool:
+    return not isinstance(value, (dict, list))
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_keys(node: Any, path: str, key: str | None = None) -> None:
+    """Every mapping key in a manifest is a string (YAML would allow ``1:`` or ``on:``)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ConfigError(path, "mapping keys must be strings", k)
+            _check_keys(v, _join(path, k), k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_keys(v, f"{path}{item_label(key, i, v)}")
+
+
+def _check_top(tree: Any, shown: str) -> dict:
+    if tree is None:
+        raise ConfigError(shown, "file is empty; expected a mapping of manifest keys", show_value=False)
+    if not isinstance(tree, dict):
+        raise ConfigError(shown, f"top level must be a mapping of manifest keys, got a {type(tree).__name__}",
+                          show_value=False)
+    _check_keys(tree, "")
+    for key, value in tree.items():
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(key, f"unknown top-level key in {shown}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
+                              value, show_value=_shown_value(value))
+    return tree
+
+
+# ------------------------------------------------------------------ extends + deep merge
+def deep_merge(base: Any, over: Any) -> Any:
+    """``over`` merged onto ``base`` (both left untouched). Mappings merge recursively; lists and
+    scalars are replaced. Two mappings whose ``type`` keys differ do not merge: ``over`` replaces
+    ``base`` (switching ``attention.type`` must not keep the other variant's keys)."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    if "type" in base and "type" in over and base["type"] != over["type"]:
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if key in out else copy.deepcopy(value)
+    return out
+
+
+_Chain = tuple[tuple[Path, str], ...]  # (resolved path, shown path) of the files being expanded
+
+
+def _load_file(path: Path, shown: str, chain: _Chain) -> dict:
+    real = path.resolve()
+    names = [s for r, s in chain]
+    for i, (r, _) in enumerate(chain):
+        if r == real:
+            raise ConfigError("extends", "cycle: " + " -> ".join(names[i:] + [shown]), show_value=False)
+    tree = _check_top(_read_file(path, shown), shown)
+    return _expand_extends(tree, path.parent, chain + ((real, shown),), shown)
+
+
+def _expand_extends(tree: dict, base_dir: Path, chain: _Chain, shown: str) -> dict:
+    tree = dict(tree)
+    ext = tree.pop("extends", None)
+    if ext is None:
+        return tree
+    paths = [ext] if isinstance(ext, str) else ext
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError("extends", f"expected a path or a list of paths (in {shown})", ext)
+    merged: dict = {}
+    for i, rel in enumerate(paths):
+        target = Path(os.path.expanduser(rel))
+        if not target.is_absolute():
+            target = base_dir / target
+        target_shown = os.path.normpath(target)
+        if not target.is_file():
+            raise ConfigError(f"extends[{i}]", f"file not found: {target_shown} (in {shown})", rel)
+        merged = deep_merge(merged, _load_file(target, target_shown, chain))
+    return deep_merge(merged, tree)
+
+
+# ------------------------------------------------------------------ ${vars}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REF = re.compile(r"\$(\$?)\{([^}]*)\}")  # ${name}, or $${...} (escaped)
+
+
+class _Vars:
+    """Resolves the ``vars`` block (eagerly, so errors in unused vars surface too) and
+    substitutes ``${name}`` in any tree."""
+
+    def __init__(self, raw: Any):
+        if not isinstance(raw, dict):
+            raise ConfigError("vars", "expected a mapping of variable names to values", raw,
+                              show_value=_shown_value(raw))
+        for name in raw:
+            if not _IDENT.fullmatch(name):
+                raise ConfigError(f"vars.{name}", "variable names must match [A-Za-z_][A-Za-z0-9_]*",
+                                  show_value=False)
+        self.raw = raw
+        self.values: dict[str, Any] = {}
+        self._stack: list[str] = []
+        for name in raw:
+            self._lookup(name, f"vars.{name}", "")
+
+    def _lookup(self, name: str, path: str, text: str) -> Any:
+        if name in self.values:
+            return self.values[name]
+        if name not in self.raw:
+            defined = f"defined: {', '.join(self.raw)}" if self.raw else "no vars are defined"
+            raise ConfigError(path, f"undefined variable '{name}' ({defined})", text)
+        if name in self._stack:
+            cycle = self._stack[self._stack.index(name):] + [name]
+            raise ConfigError(f"vars.{cycle[0]}", "cyclic variable reference: " + " -> ".join(cycle),
+                              show_value=False)
+        self._stack.append(name)
+        try:
+            value = self.substitute(self.raw[name], f"vars.{name}")
+        finally:
+            self._stack.pop()
+        self.values[name] = value
+        return value
+
+    def substitute(self, node: Any, path: str, key: str | None = None) -> Any:
+        if isinstance(node, dict):
+            return {k: self.substitute(v, _join(path, k), k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.substitute(v, f"{path}{item_label(key, i, v)}") for i, v in enumerate(node)]
+        if isinstance(node, str) and "$" in node:
+            return self._string(node, path)
+        return node
+
+    def _ref_name(self, inner: str, path: str, text: str) -> str:
+        if not _IDENT.fullmatch(inner):
+            raise ConfigError(path, f"invalid variable reference '${{{inner}}}'", text)
+        return inner
+
+    def _string(self, text: str, path: str) -> Any:
+        whole = _REF.fullmatch(text)
+        if whole and not whole.group(1):  # exactly ${name}: the var's native value
+            return copy.deepcopy(self._lookup(self._ref_name(whole.group(2), path, text), path, text))
+        pieces: list[str] = []
+        pos = 0
+        for m in _REF.finditer(text):
+            pieces.append(self._literal(text[pos:m.start()], path, text))
+            if m.group(1):
+                pieces.append("${" + m.group(2) + "}")
+            else:
+                name = self._ref_name(m.group(2), path, text)
+                pieces.append(self._as_text(self._lookup(name, path, text), name, path, text))
+            pos = m.end()
+        pieces.append(self._literal(text[pos:], path, text))
+        return "".join(pieces)
+
+    @staticmethod
+    def _literal(piece: str, path: str, text: str) -> str:
+        if "${" in piece:
+            raise ConfigError(path, "unterminated '${' (write '$${' for a literal '${')", text)
+        return piece
+
+    @staticmethod
+    def _as_text(value: Any, name: str, path: str, text: str) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        kind = "null" if value is None else type(value).__name__
+        raise ConfigError(path, f"variable '{name}' holds a {kind}; only strings, numbers and booleans "
+                                "can be interpolated into a longer string", text)
+
+
+# ------------------------------------------------------------------ dotted overrides
+@dataclass(frozen=True)
+class Override:
+    text: str
+    keys: tuple[str, ...]
+    value: Any
+
+
+def parse_override(text: str) -> Override:
+    """``a.b.c=value``; the value is parsed as YAML (``200`` int, ``true`` bool, ``[1,2]`` list,
+    ``null`` None, ``1e-4`` float)."""
+    where = f"override {text!r}"
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(where, "expected key=value, e.g. train.steps=200", show_value=False)
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(where, "empty key; expected key=value, e.g. train.steps=200", show_value=False)
+    keys = tuple(part.strip() for part in key.split("."))
+    if not all(keys):
+        raise ConfigError(where, f"empty component in key '{key}'", show_value=False)
+    try:
+        value = _load_yaml(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(where, "value is not valid YAML: " + " ".join(problem.split()), show_value=False) from None
+    return Override(text, keys, value)
+
+
+def _apply_parsed(tree: dict, overrides: Sequence[Override]) -> dict:
+    for ov in overrides:
+        node: Any = tree
+        value = copy.deepcopy(ov.value)
+        for depth, key in enumerate(ov.keys):
+            last = depth == len(ov.keys) - 1
+            if isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+            elif isinstance(node, list) and key.isdigit():
+                index = int(key)
+                if index >= len(node):
+                    raise ConfigError(f"override {ov.text!r}", f"index {index} is out of range for "
+                                      f"'{'.'.join(ov.keys[:depth])}' (a list of {len(node)})", show_value=False)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            else:
+                where = ".".join(ov.keys[:depth]) or "<root>"
+                raise ConfigError(f"override {ov.text!r}", f"cannot set '{key}': '{where}' is not a mapping",
+                                  node, show_value=_shown_value(node))
+    return tree
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``tree`` with each dotted ``key=value`` set (missing mappings are created; a
+    numeric component indexes into a list)."""
+    return _apply_parsed(copy.deepcopy(tree), [parse_override(o) for o in overrides])
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[Override], list[Override]]:
+    roots = PRE_OVERRIDE_ROOTS + RUN_OVERRIDE_ROOTS
+    pre, post = [], []
+    for text in overrides:
+        ov = parse_override(text)
+        if ov.keys[0] not in roots:
+            raise ConfigError(f"override {text!r}", f"unknown first component '{ov.keys[0]}'; "
+                              f"expected one of: {', '.join(roots)}", show_value=False)
+        if len(ov.keys) < 2:
+            raise ConfigError(f"override {text!r}", f"name a key inside '{ov.keys[0]}', "
+                              "e.g. train.steps=200", show_value=False)
+        (pre if ov.keys[0] in PRE_OVERRIDE_ROOTS else post).append(ov)
+    return pre, post
+
+
+# ------------------------------------------------------------------ plan
+def load_plan(path: str | Path, overrides: Sequence[str] = (), group: str | None = None) -> Plan:
+    """Read a manifest file and resolve it into a validated ``Plan``."""
+    path = Path(path)
+    shown = str(path)
+    tree = _load_file(path, shown, ())
+    return _build_plan(tree, overrides, group, path.absolute())
+
+
+def load_plan_from_dict(data: dict, base_dir: str | Path, overrides: Sequence[str] = (),
+                        group: str | None = None, source: str | Path | None = None) -> Plan:
+    """Like ``load_plan`` for an already-parsed manifest; ``extends`` resolves against ``base_dir``."""
+    source = Path(source).absolute() if source is not None else None
+    shown = str(source) if source is not None else "<manifest>"
+    tree = _check_top(copy.deepcopy(data), shown)
+    chain: _Chain = ((source.resolve(), shown),) if source is not None else ()
+    tree = _expand_extends(tree, Path(base_dir), chain, shown)
+    return _build_plan(tree, overrides, group, source)
+
+
+def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source: Path | None) -> Plan:
+    pre, post = _split_overrides(overrides)
+    for key in PRE_OVERRIDE_ROOTS:
+        if tree.get(key) is None:
+            tree[key] = {}
+    tree = _apply_parsed(tree, pre)
+    variables = _Vars(tree.pop("vars"))
+    tree = variables.substitute(tree, "")
+    tree["vars"] = variables.values
+    post = [Override(o.text, o.keys, variables.substitute(o.value, f"override {o.text!r}")) for o in post]
+    spec = parse_manifest(tree)
+
+    names = [g.name for g in spec.groups]
+    if group is not None and group not in names:
+        raise ConfigError("--group", f"no group named '{group}' in manifest '{spec.name}'; "
+                          f"available: {', '.join(names)}", group)
+    out_root = Path(spec.defaults.out_dir).expanduser()
+    if not out_root.is_absolute():
+        out_root = Path.cwd() / out_root
+
+    runs = [run for gi in range(len(spec.groups)) for run in _resolve_group(spec, gi, post, out_root)]
+    if group is not None:
+        runs = [r for r in runs if r.group == group]
+    return Plan(spec.name, source, runs, list(overrides), spec.description, dict(spec.vars))
+
+
+def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path) -> list[ResolvedRun]:
+    group = spec.groups[gi]
+    out = []
+    for ri, run in enumerate(group.runs):
+        prefix = f"groups[{gi}]({group.name}).runs[{ri}]({run.id})"
+        sections = {s: deep_merge(getattr(spec, s), getattr(run, s)) for s in SECTIONS}
+        sections = _apply_parsed(sections, post)
+        model = validate_section(ModelConfig, sections["model"], f"{prefix}.model")
+        data = validate_section(DataConfig, sections["data"], f"{prefix}.data")
+        train = validate_section(TrainConfig, sections["train"], f"{prefix}.train")
+        resolved = {s: cfg.model_dump(mode="json") for s, cfg in zip(SECTIONS, (model, data, train))}
+        out.append(ResolvedRun(
+            name=spec.name, group=group.name, run_id=run.id, description=run.description,
+            model=model, data=data, train=train,
+            run_dir=out_root / spec.name / group.name / run.id, resolved=resolved,
+        ))
+    return out
