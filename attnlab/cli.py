@@ -4,6 +4,7 @@ calls library functions. User errors print one line and exit 2; bugs keep their 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -148,9 +149,9 @@ def cmd_sample(args, command: str) -> int:
     stop = (tokenizer.eot_id,) if tokenizer is not None and tokenizer.eot_id is not None else ()
     torch.manual_seed(args.seed)
     new = generate_uncached(model, prompt, args.max_new_tokens, sampling, seed=args.seed, stop_ids=stop)
-    if tokenizer is not None:
+    if args.prompt is not None:
         print(tokenizer.decode(prompt) + tokenizer.decode(new))
-    else:
+    else:  # ids in, ids out
         print(" ".join(str(t) for t in prompt + new))
     return 0
 
@@ -174,7 +175,14 @@ COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in subparsers.choices:
+        # options and key=value overrides may come in any order after the command
+        args = subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
     command = "attnlab " + shlex.join(argv)
     try:
         return COMMANDS[args.command](args, command)
@@ -184,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"attnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

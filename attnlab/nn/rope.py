@@ -36,29 +36,30 @@ def apply_llama3_scaling(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to tensors shaped (B, heads, T, head_dim) at given absolute positions."""
+    """Applies RoPE to tensors shaped (B, heads, T, head_dim) at given absolute positions.
+
+    Angles are computed per call from the positions in float64 (exact far past 2^24 positions,
+    no cache to grow, no host sync, so it traces cleanly under torch.compile); the cost is
+    T * head_dim / 2 trig ops, negligible next to the projections.
+    """
 
     def __init__(self, cfg: RopeConfig, head_dim: int):
         super().__init__()
         self.style = cfg.style
         self.head_dim = head_dim
-        self.register_buffer("inv_freq", rope_inv_freq(cfg, head_dim).float(), persistent=False)
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, head_dim), persistent=False)  # float64
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.half()/.to(bf16) must not round the frequencies: keep them float64 on any device
+        exact = self.inv_freq
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (…, T, head_dim // 2) for integer ``positions`` ((T,) or (B, T))."""
-        cached = self._cos_sin
-        if (cached is None or cached[0].device != positions.device
-                or cached[0].shape[0] <= int(positions.max())):
-            length = max(int(positions.max()) + 1, 64)
-            length = 1 << (length - 1).bit_length()  # amortized growth for long decodes
-            # positions up to 2^24 are exact in float32; angles computed in float64 for accuracy
-            t = torch.arange(length, dtype=torch.float64, device=positions.device)
-            angles = torch.outer(t, self.inv_freq.to(device=positions.device, dtype=torch.float64))
-            cached = (angles.cos(), angles.sin())  # float64; cast to the input dtype on use
-            self._cos_sin = cached
-        cos, sin = cached[0][positions], cached[1][positions]
-        return cos.to(dtype), sin.to(dtype)
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions, x.dtype)  # (T, d/2) or (B, T, d/2)

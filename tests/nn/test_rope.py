@@ -75,3 +75,13 @@ def test_llama3_scaling_matches_transformers_when_available():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     ours = rope_inv_freq(RopeConfig(theta=500000.0, scaling=Llama3RopeScaling()), 64)
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-6, atol=0)
+
+
+def test_frequencies_stay_float64_when_the_model_is_cast():
+    rope = RotaryEmbedding(RopeConfig(), 8)
+    rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float64
+    x = torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    far = torch.tensor([100_000])
+    exact = RotaryEmbedding(RopeConfig(), 8).double()(x, far)
+    torch.testing.assert_close(rope.double()(x, far), exact, rtol=0, atol=0)

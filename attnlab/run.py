@@ -1,0 +1,151 @@
+"""Execute resolved runs: data -> model -> train, with provenance, resume and one result each.
+
+Under torchrun the same functions run on every rank; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnlab.errors import ConfigError, DataError
+from attnlab.provenance import write_provenance
+from attnlab.train.checkpoint import check_compatible, read_checkpoint
+from attnlab.train.distributed import DistInfo, barrier, dist_env, distributed_session, resolve_device
+from attnlab.train.evaluate import perplexity
+from attnlab.train.loop import BEST, EVENTS, LAST, build_trainer, count_parameters
+
+if TYPE_CHECKING:
+    from attnlab.manifest import Plan, ResolvedRun
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    group: str | None
+    run_dir: Path
+    params: int
+    val_loss: float | None
+    val_ppl: float | None
+    train_tokens_per_s: float
+    steps: int
+    best_val_loss: float | None
+    kv_bytes_per_token: float | None = None  # filled in by the caller
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["run_dir"] = str(self.run_dir)
+        return out
+
+
+def _data_api():
+    """(load_splits, TrainBatches, eval_batches) from attnlab.data (imported on first use)."""
+    from attnlab.data import TrainBatches, eval_batches, load_splits
+    return load_splits, TrainBatches, eval_batches
+
+
+def _cache_dir(run: "ResolvedRun") -> Path:
+    return Path(run.data.cache_dir) if run.data.cache_dir else Path(run.run_dir).parent.parent / ".data"
+
+
+def load_run_data(run: "ResolvedRun", info: DistInfo = DistInfo()):
+    """``load_splits`` for ``run``; rank 0 first (it may tokenize into the cache), then the rest."""
+    load_splits = _data_api()[0]
+    splits = load_splits(run.data, run.model.vocab_size, cache_dir=_cache_dir(run)) if info.is_main else None
+    barrier()
+    if not info.is_main:
+        splits = load_splits(run.data, run.model.vocab_size, cache_dir=_cache_dir(run))
+    return splits
+
+
+def _sequence_length(run: "ResolvedRun", splits) -> int:
+    seq_len = run.train.seq_len or run.model.block_size
+    if seq_len > run.model.block_size:
+        raise ConfigError("train.seq_len", f"exceeds model.block_size={run.model.block_size}", seq_len)
+    for name in ("train", "val"):
+        n = len(getattr(splits, name))
+        if n < seq_len + 1:
+            raise DataError(f"data {splits.description!r}: the {name} split has {n} tokens; one sequence "
+                            f"of seq_len={seq_len} needs {seq_len + 1}")
+    return seq_len
+
+
+def _archive_previous(run_dir: Path) -> None:
+    """Move events/checkpoints of an earlier, not-resumed attempt to ``previous/<time>/``."""
+    stale = [run_dir / n for n in (EVENTS, LAST, BEST) if (run_dir / n).exists()]
+    if stale:
+        dest = run_dir / "previous" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        dest.mkdir(parents=True)
+        for path in stale:
+            os.replace(path, dest / path.name)
+
+
+def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo) -> dict | None:
+    path = Path(run.run_dir) / LAST
+    if not path.is_file():
+        return None
+    ckpt = read_checkpoint(path)
+    check_compatible(ckpt, path, model_config=run.model.model_dump(mode="json"),
+                     train_config=run.train.model_dump(mode="json"), data_description=data_description,
+                     world_size=info.world_size)
+    return ckpt
+
+
+def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
+                splits=None) -> RunResult:
+    """Train ``run`` in ``run.run_dir``, resuming from its ``last.pt`` when ``resume`` (a finished
+    run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse."""
+    from attnlab.model import build_model
+
+    cfg, run_dir = run.train, Path(run.run_dir)
+    device = resolve_device(cfg.device, dist_env())
+    with distributed_session(device) as info:
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        splits = splits if splits is not None else load_run_data(run, info)
+        seq_len = _sequence_length(run, splits)
+        ckpt = _resume_checkpoint(run, splits.description, info) if resume else None
+        if info.is_main:
+            if ckpt is None:
+                _archive_previous(run_dir)
+            write_provenance(run_dir, command, run.resolved, world_size=info.world_size)
+        barrier()
+        _, TrainBatches, eval_batches = _data_api()
+        batches = TrainBatches(splits.train, cfg.batch_size, seq_len, cfg.seed,
+                               rank=info.rank, world_size=info.world_size)
+        eval_set = eval_batches(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)
+        trainer = build_trainer(lambda: build_model(run.model), cfg, batches=batches, eval_set=eval_set,
+                                run_dir=run_dir, data_description=splits.description, info=info,
+                                device=device, checkpoint=ckpt, meta_config=run.resolved)
+        del ckpt
+        state = trainer.train(stop_after=stop_after)
+        barrier()
+    tokens_per_s = state.tokens_seen / state.train_time_s if state.train_time_s > 0 else 0.0
+    return RunResult(
+        run_id=run.run_id, group=run.group, run_dir=run_dir, params=count_parameters(trainer.model.raw),
+        val_loss=state.last_val_loss,
+        val_ppl=None if state.last_val_loss is None else perplexity(state.last_val_loss),
+        train_tokens_per_s=tokens_per_s, steps=state.step, best_val_loss=state.best_val_loss)
+
+
+def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResult]:
+    """``execute_run`` for every run of ``plan`` in order, in one process group; data shared
+    by several runs is loaded once."""
+    if not plan.runs:
+        return []
+    results: list[RunResult] = []
+    device = resolve_device(plan.runs[0].train.device, dist_env())
+    loaded: dict[tuple, Any] = {}
+    with distributed_session(device) as info:
+        for i, run in enumerate(plan.runs):
+            if info.is_main:
+                print(f"[{i + 1}/{len(plan.runs)}] run {run.run_id} -> {run.run_dir}", flush=True)
+            key = (run.data.model_dump_json(), run.model.vocab_size, str(_cache_dir(run)))
+            if key not in loaded:
+                loaded[key] = load_run_data(run, info)
+            results.append(execute_run(run, command, splits=loaded[key], **kwargs))
+    return results

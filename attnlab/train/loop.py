@@ -1,0 +1,190 @@
+"""The training loop: ``Trainer.train`` fits on a screen and delegates to ``train_step``, the
+``Evaluator`` and the checkpointer. Rank 0 alone writes ``train.jsonl``, checkpoints and output.
+
+Files in ``run_dir``: ``train.jsonl`` (events ``meta``, ``train``, ``eval``, ``done``), ``last.pt``
+(every ``checkpoint_every`` steps, at ``stop_after`` and at the end), ``best.pt`` (whenever the
+held-out loss improves). ``train.jsonl`` is append-only: a resumed run adds a ``meta`` event
+(``resumed_from``), and after a hard crash the steps between the last checkpoint and the crash
+are logged again; the later event for a step is the one the final weights followed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnlab.config.train import TrainConfig
+from attnlab.progress import Progress
+from attnlab.train.checkpoint import save_checkpoint
+from attnlab.train.distributed import (DistInfo, ParallelModel, all_reduce_mean, apply_ddp,
+                                       resolve_device)
+from attnlab.train.evaluate import Evaluator
+from attnlab.train.events import EventLog
+from attnlab.train.optim import build_optimizer
+from attnlab.train.schedule import lr_at
+from attnlab.train.state import TrainState, make_payload, restore
+from attnlab.train.step import Batch, StepStats, autocast_factory, train_step
+
+LAST, BEST, EVENTS = "last.pt", "best.pt", "train.jsonl"
+
+
+class BatchSource(Protocol):
+    """``attnlab.data.TrainBatches``: ``get(step, micro) -> (x, y)``, a pure function of its
+    arguments (and the source's seed and rank), so a resumed run sees the same batches."""
+
+    def get(self, step: int, micro: int) -> tuple[Any, Any]: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class Trainer:
+    def __init__(self, model: ParallelModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                 batches: BatchSource, evaluator: Evaluator, *, run_dir: Path, device: torch.device,
+                 info: DistInfo, data_description: str, state: TrainState | None = None,
+                 resumed: bool = False, meta_config: dict | None = None, progress: Progress | None = None):
+        self.model, self.optimizer, self.cfg, self.batches = model, optimizer, cfg, batches
+        self.evaluate, self.run_dir, self.device, self.info = evaluator, Path(run_dir), device, info
+        self.data_description, self.meta_config = data_description, meta_config
+        self.state = state if state is not None else TrainState()
+        self.resumed_from = self.state.step if resumed else None
+        self.autocast = autocast_factory(cfg.precision, device)
+        self.events = EventLog(self.run_dir / EVENTS if info.is_main else None)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, stop_after: int | None = None) -> TrainState:
+        """Train from ``state.step`` to ``cfg.steps`` (or to ``stop_after``, saving ``last.pt``
+        there as if interrupted). A finished run returns at once."""
+        cfg, state = self.cfg, self.state
+        target = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        if state.step >= target:
+            return state
+        with self._start():
+            while state.step < target:
+                stats = self._timed_step()
+                if state.step % cfg.log_every == 0:
+                    self._log(stats)
+                improved = self._eval() if state.step % cfg.eval_every == 0 or state.step == cfg.steps else False
+                last = state.step % cfg.checkpoint_every == 0 or state.step == target
+                if last or improved:
+                    self._checkpoint(last=last, best=improved)
+            if state.step == cfg.steps:
+                self._finish()
+        return state
+
+    # ------------------------------------------------------------------ pieces
+    def _start(self) -> Progress:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.progress is None:
+            self.progress = Progress(self.cfg.steps, self.state.step, enabled=self.info.is_main)
+        self._t0 = time.perf_counter()
+        self._wall0, self._step0 = self.state.wall_time_s, self.state.step
+        self._last_log = (self.state.tokens_seen, self.state.train_time_s)
+        self.events.write("meta", config=self.meta_config or {"train": self.cfg.model_dump(mode="json")},
+                          params=count_parameters(self.model.raw), data=self.data_description,
+                          world_size=self.info.world_size, device=str(self.device),
+                          resumed_from=self.resumed_from, steps=self.cfg.steps)
+        return self.progress
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        out = []
+        for micro in range(self.cfg.grad_accum):
+            x, y = self.batches.get(step, micro)
+            out.append((torch.as_tensor(x, dtype=torch.long).to(self.device, non_blocking=True),
+                        torch.as_tensor(y, dtype=torch.long).to(self.device, non_blocking=True)))
+        return out
+
+    def _timed_step(self) -> StepStats:
+        state, t0 = self.state, time.perf_counter()
+        batches = self.micro_batches(state.step)
+        stats = train_step(self.model, self.optimizer, batches, lr=lr_at(state.step, self.cfg),
+                           grad_clip=self.cfg.grad_clip, autocast=self.autocast)
+        if self.device.type == "cuda" and (state.step + 1) % self.cfg.log_every == 0:
+            torch.cuda.synchronize(self.device)  # so the logged throughput is honest
+        state.step += 1
+        state.tokens_seen += sum(x.numel() for x, _ in batches) * self.info.world_size
+        state.train_time_s += time.perf_counter() - t0
+        state.wall_time_s = self._wall0 + time.perf_counter() - self._t0
+        self.progress.update(state.step)
+        return stats
+
+    def _log(self, stats: StepStats) -> None:
+        state = self.state
+        loss = all_reduce_mean(stats.loss).item()
+        tokens, seconds = state.tokens_seen - self._last_log[0], state.train_time_s - self._last_log[1]
+        self._last_log = (state.tokens_seen, state.train_time_s)
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        session = time.perf_counter() - self._t0
+        eta = session / (state.step - self._step0) * (self.cfg.steps - state.step)
+        self.events.write("train", step=state.step, loss=loss, lr=lr_at(state.step - 1, self.cfg),
+                          grad_norm=stats.grad_norm.item(), tokens_per_s=tokens_per_s,
+                          elapsed_s=state.wall_time_s, eta_s=eta)
+        self.progress.log_train(state.step, loss, tokens_per_s, eta)
+
+    def _eval(self) -> bool:
+        """Evaluate; record it; True when the held-out loss improved on the best so far."""
+        state, result = self.state, self.evaluate(self.model.raw)
+        state.last_val_loss, state.last_val_step = result.loss, state.step
+        improved = state.best_val_loss is None or result.loss < state.best_val_loss
+        if improved:
+            state.best_val_loss = result.loss
+        self.events.write("eval", step=state.step, val_loss=result.loss, val_ppl=result.ppl)
+        self.progress.note(f"eval step {state.step} | val_loss {result.loss:.4f} | ppl {result.ppl:.2f}")
+        return improved
+
+    def _checkpoint(self, *, last: bool, best: bool) -> None:
+        self.state.wall_time_s = self._wall0 + time.perf_counter() - self._t0
+        payload = make_payload(self.state, self.model.raw, self.optimizer,
+                               train_config=self.cfg.model_dump(mode="json"),
+                               data_description=self.data_description, device=self.device, info=self.info)
+        if self.info.is_main:
+            for name, wanted in ((LAST, last), (BEST, best)):
+                if wanted:
+                    save_checkpoint(self.run_dir / name, payload)
+
+    def _finish(self) -> None:
+        state = self.state
+        tokens_per_s = state.tokens_seen / state.train_time_s if state.train_time_s > 0 else 0.0
+        self.events.write("done", step=state.step, best_val_loss=state.best_val_loss,
+                          val_loss=state.last_val_loss, train_tokens_per_s=tokens_per_s,
+                          wall_time_s=state.wall_time_s)
+        self.progress.note(f"done: {state.step} steps | best val_loss {state.best_val_loss or float('nan'):.4f}"
+                           f" | {tokens_per_s:,.0f} tok/s")
+
+
+def build_trainer(model_factory: Callable[[], nn.Module], cfg: TrainConfig, *, batches: BatchSource,
+                  eval_set: Sequence[Batch], run_dir: Path, data_description: str,
+                  info: DistInfo = DistInfo(), device: torch.device | None = None,
+                  checkpoint: dict | None = None, meta_config: dict | None = None,
+                  progress: Progress | None = None) -> Trainer:
+    """Seed, build the model (identical init on every rank: seeded with ``cfg.seed``), apply
+    DDP/compile, build the optimizer, and restore ``checkpoint`` (a ``read_checkpoint`` payload
+    already checked with ``check_compatible``) when given."""
+    device = device if device is not None else resolve_device(cfg.device, info)
+    seed_everything(cfg.seed)
+    model = model_factory()
+    seed_everything(cfg.seed + info.rank)  # per-rank randomness (dropout) from here on
+    wrapped = apply_ddp(model, cfg, info, device)
+    optimizer = build_optimizer(model, cfg)
+    state = None
+    if checkpoint is not None:
+        state = restore(checkpoint, model, optimizer, device=device, info=info)
+    evaluator = Evaluator(eval_set, device, info, autocast_factory(cfg.precision, device))
+    return Trainer(wrapped, optimizer, cfg, batches, evaluator, run_dir=run_dir, device=device, info=info,
+                   data_description=data_description, state=state, resumed=checkpoint is not None,
+                   meta_config=meta_config, progress=progress)

@@ -1,0 +1,85 @@
+"""Typed training state and the checkpoint payload built from / restored into it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnlab.train.checkpoint import FORMAT, VERSION
+from attnlab.train.distributed import DistInfo, all_gather_objects
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that is not a tensor. ``step`` counts finished optimizer
+    steps; ``tokens_seen`` is global (all ranks); times accumulate over resumed sessions."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    last_val_step: int | None = None
+    train_time_s: float = 0.0   # time inside training steps (excludes eval and checkpoints)
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def make_payload(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 train_config: dict, data_description: str, device: torch.device,
+                 info: DistInfo) -> dict[str, Any]:
+    """Checkpoint payload. A collective: every rank must call it (RNG states are gathered);
+    only rank 0 needs the result."""
+    rng = [{k: v.cpu() for k, v in r.items()} for r in all_gather_objects(rng_state(device))]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "best_val_loss": state.best_val_loss,
+        "train_state": state.to_dict(),
+        "model_config": model.config.model_dump(mode="json"),
+        "train_config": train_config,
+        "data_description": data_description,
+        "world_size": info.world_size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+    }
+
+
+def restore(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *,
+            device: torch.device, info: DistInfo) -> TrainState:
+    """Load model, optimizer and this rank's RNG state from ``payload``; return its TrainState."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    rng = payload["rng"]
+    if len(rng) == info.world_size:
+        set_rng_state(rng[info.rank], device)
+    state = TrainState.from_dict(payload.get("train_state", {}))
+    state.step, state.tokens_seen = payload["step"], payload["tokens_seen"]
+    state.best_val_loss = payload["best_val_loss"]
+    return state
