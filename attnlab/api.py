@@ -64,3 +64,19 @@ def run_tokenizer(path: str | Path) -> TokenizerConfig | None:
     if "tokenizer" not in data:
         return None
     return TokenizerConfig.model_validate(data["tokenizer"])
+
+
+def run_heldout_tokens(path: str | Path):
+    """The held-out split a run was evaluated on (from its ``resolved_config.json``)."""
+    from attnlab.config.data import DataConfig
+    from attnlab.data import load_splits
+    from attnlab.run import data_cache_dir
+
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    resolved = run_dir / "resolved_config.json"
+    if not resolved.is_file():
+        raise AttnlabError(f"{run_dir}: no resolved_config.json, so the run's data is unknown; pass --data")
+    cfg = json.loads(resolved.read_text())
+    data = validate_section(DataConfig, cfg["data"], "data")
+    return load_splits(data, cfg["model"]["vocab_size"], data_cache_dir(data, run_dir)).val

@@ -29,3 +29,7 @@ class DataError(AttnlabError):
 
 class CheckpointError(AttnlabError):
     """A missing, corrupted, truncated or incompatible checkpoint."""
+
+
+class InputError(AttnlabError, ValueError):
+    """Model input the model cannot take (e.g. a sequence longer than one forward pass allows)."""

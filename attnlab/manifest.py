@@ -29,6 +29,8 @@ from attnlab.config.base import validate_section
 from attnlab.config.data import DataConfig
 from attnlab.config.manifest import SECTIONS, TOP_LEVEL_KEYS, ManifestSpec, item_label, parse_manifest
 from attnlab.config.model import ModelConfig
+from attnlab.config.attention import attention_dims
+from attnlab.config.cache import CacheConfig
 from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
 
@@ -51,6 +53,7 @@ class ResolvedRun:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    cache: CacheConfig
     run_dir: Path  # <out_dir>/<name>/<group>/<run_id>
     resolved: dict  # {"model": ..., "data": ..., "train": ...}: JSON-able, validated
 
@@ -447,6 +450,15 @@ def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source:
     return Plan(spec.name, source, runs, list(overrides), spec.description, dict(spec.vars))
 
 
+def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> None:
+    """A cache section may only name fields some attention layer of the model stores."""
+    have = {name for spec in model.attention_specs() for name in attention_dims(spec, model.d_model).cache_fields}
+    for name in ("k", "k_sem", "k_geo", "v"):
+        if getattr(cache, name) is not None and name not in have:
+            raise ConfigError(f"{path}.{name}", f"this model's attention stores no {name!r} field "
+                              f"(its fields: {', '.join(sorted(have))})", getattr(cache, name))
+
+
 def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path) -> list[ResolvedRun]:
     group = spec.groups[gi]
     out = []
@@ -457,10 +469,12 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
         model = validate_section(ModelConfig, sections["model"], f"{prefix}.model")
         data = validate_section(DataConfig, sections["data"], f"{prefix}.data")
         train = validate_section(TrainConfig, sections["train"], f"{prefix}.train")
-        resolved = {s: cfg.model_dump(mode="json") for s, cfg in zip(SECTIONS, (model, data, train))}
+        cache = validate_section(CacheConfig, sections["cache"], f"{prefix}.cache")
+        _check_cache_fields(cache, model, f"{prefix}.cache")
+        resolved = {s: cfg.model_dump(mode="json") for s, cfg in zip(SECTIONS, (model, data, train, cache))}
         out.append(ResolvedRun(
             name=spec.name, group=group.name, run_id=run.id, description=run.description,
-            model=model, data=data, train=train,
+            model=model, data=data, train=train, cache=cache,
             run_dir=out_root / spec.name / group.name / run.id, resolved=resolved,
         ))
     return out

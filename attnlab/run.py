@@ -20,6 +20,7 @@ from attnlab.train.evaluate import perplexity
 from attnlab.train.loop import BEST, EVENTS, LAST, build_trainer, count_parameters
 
 if TYPE_CHECKING:
+    from attnlab.config.data import DataConfig
     from attnlab.manifest import Plan, ResolvedRun
 
 
@@ -48,8 +49,14 @@ def _data_api():
     return load_splits, TrainBatches, eval_batches
 
 
+def data_cache_dir(data: "DataConfig", run_dir: Path) -> Path:
+    """Where prepared token files go: ``data.cache_dir``, else ``<out_dir>/<manifest name>/.data``
+    (shared by the runs of a manifest)."""
+    return Path(data.cache_dir) if data.cache_dir else Path(run_dir).parent.parent / ".data"
+
+
 def _cache_dir(run: "ResolvedRun") -> Path:
-    return Path(run.data.cache_dir) if run.data.cache_dir else Path(run.run_dir).parent.parent / ".data"
+    return data_cache_dir(run.data, run.run_dir)
 
 
 def load_run_data(run: "ResolvedRun", info: DistInfo = DistInfo()):

@@ -12,6 +12,7 @@ import pytest
 from attnlab.config.base import validate_section
 from attnlab.config.data import DataConfig
 from attnlab.config.model import ModelConfig
+from attnlab.config.cache import CacheConfig
 from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
 from attnlab.manifest import (
@@ -372,10 +373,11 @@ def test_resolved_round_trips_through_json():
     p = load_plan(FIXTURES / "compare.yml", overrides=["train.lr=1e-3"])
     for run in p.runs:
         again = json.loads(json.dumps(run.resolved))
-        assert again == run.resolved and set(again) == {"model", "data", "train"}
+        assert again == run.resolved and set(again) == {"model", "data", "train", "cache"}
         assert validate_section(ModelConfig, again["model"], "m") == run.model
         assert validate_section(DataConfig, again["data"], "d") == run.data
         assert validate_section(TrainConfig, again["train"], "t") == run.train
+        assert validate_section(CacheConfig, again["cache"], "c") == run.cache
     json.dumps(p.to_dict())
 
 
@@ -405,12 +407,12 @@ def _doc_text() -> str:
 
 
 def test_docs_mention_every_config_field():
-    from attnlab.config import attention, data, manifest as mcfg, model, train
+    from attnlab.config import attention, cache, data, manifest as mcfg, model, train
     classes = [attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
                attention.DecoupledAttentionConfig, attention.RopeConfig, attention.Llama3RopeScaling,
                model.ModelConfig, model.MLPConfig, model.LayerOverride, model.BlockNode, model.AttentionNode,
                model.MLPNode, model.NormNode, model.SequentialNode, model.ResidualNode, model.ParallelNode,
-               model.RepeatNode, data.DataConfig, data.TokenizerConfig, train.TrainConfig,
+               model.RepeatNode, data.DataConfig, data.TokenizerConfig, train.TrainConfig, cache.CacheConfig,
                mcfg.ManifestSpec, mcfg.GroupSpec, mcfg.RunSpec, mcfg.ManifestDefaults]
     text = _doc_text()
     missing = [f"{c.__name__}.{f}" for c in classes for f in c.model_fields if f"`{f}`" not in text]

@@ -37,7 +37,7 @@ class DataConfig(StrictModel):
     text_field: str = "text"
     max_tokens: int | None = Field(None, gt=0, description="cap on corpus tokens (embedded/text)")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    cache_dir: str | None = Field(None, description="where prepared token files go; default <out_dir>/.data")
+    cache_dir: str | None = Field(None, description="where prepared token files go; default <out_dir>/<manifest name>/.data")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -21,9 +21,9 @@ MANIFEST_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 # Every key a manifest file (or a file it extends) may have at its top level.
 TOP_LEVEL_KEYS = (
-    "version", "name", "description", "extends", "vars", "defaults", "model", "data", "train", "groups",
+    "version", "name", "description", "extends", "vars", "defaults", "model", "data", "train", "cache", "groups",
 )
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "train", "cache")
 
 
 def _not_only_dots(value: str) -> str:
@@ -56,8 +56,9 @@ class RunSpec(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    cache: dict[str, Any] = Field(default_factory=dict)
 
-    _sections_none = field_validator("model", "data", "train", mode="before")(_none_is_empty)
+    _sections_none = field_validator("model", "data", "train", "cache", mode="before")(_none_is_empty)
 
 
 class GroupSpec(StrictModel):
@@ -80,9 +81,10 @@ class ManifestSpec(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    cache: dict[str, Any] = Field(default_factory=dict)
     groups: list[GroupSpec] = Field(min_length=1)
 
-    _none = field_validator("vars", "defaults", "model", "data", "train", mode="before")(_none_is_empty)
+    _none = field_validator("vars", "defaults", "model", "data", "train", "cache", mode="before")(_none_is_empty)
 
     @field_validator("version")
     @classmethod

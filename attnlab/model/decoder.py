@@ -7,12 +7,18 @@ import math
 import torch
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from attnlab.config.model import ModelConfig
+from attnlab.errors import InputError
 from attnlab.model.topology import TopologyBuilder
 from attnlab.nn.attention import AttentionLayer
 from attnlab.nn.context import ForwardContext
 from attnlab.nn.mlp import GeluMLP, SwiGLU
 from attnlab.nn.norm import build_norm
+
+if TYPE_CHECKING:
+    from attnlab.cache.kv import ModelCache
 
 
 class DecoderLM(nn.Module):
@@ -77,20 +83,41 @@ class DecoderLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: "ModelCache | None" = None, valid: list[int] | None = None,
                 attention_impl: str = "fused") -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions=positions, attention_impl=attention_impl))
+        """Logits (B, T, vocab). With ``cache`` the tokens continue each cached sequence (the
+        first ``valid[b]`` of row b are real, the rest right padding) and the cache advances."""
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, valid=valid,
+                                    attention_impl=attention_impl)
+        return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                      cache: "ModelCache | None" = None, valid: list[int] | None = None,
                       attention_impl: str = "fused") -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model)."""
-        t_len = input_ids.shape[1]
-        if positions is None:
-            if t_len > self.config.block_size:
-                raise ValueError(f"sequence length {t_len} exceeds block_size {self.config.block_size}")
-            positions = torch.arange(t_len, device=input_ids.device)
-        ctx = ForwardContext(positions=positions, attention_impl=attention_impl)
+        batch, t_len = input_ids.shape
+        if t_len > self.config.block_size:
+            raise InputError(f"{t_len} tokens in one forward pass exceed block_size {self.config.block_size}; "
+                             f"feed longer inputs in chunks through a cache (chunked prefill)")
+        if cache is None:
+            if positions is None:
+                positions = torch.arange(t_len, device=input_ids.device)
+            ctx = ForwardContext(positions=positions, attention_impl=attention_impl)
+        else:
+            if cache.batch != batch:
+                raise InputError(f"cache holds {cache.batch} sequences, input has {batch}")
+            offsets = list(cache.lengths)
+            valid = [t_len] * batch if valid is None else list(valid)
+            key_lengths = [o + n for o, n in zip(offsets, valid)]
+            positions = (torch.tensor(offsets, device=input_ids.device).unsqueeze(1)
+                         + torch.arange(t_len, device=input_ids.device))  # (B, T)
+            ctx = ForwardContext(positions=positions, attention_impl=attention_impl, cache=cache,
+                                 cache_offsets=offsets, valid=valid, key_lengths=key_lengths)
         x = self.dropout(self.embed(input_ids))
-        return self.final_norm(self.body(x, ctx))
+        out = self.final_norm(self.body(x, ctx))
+        if cache is not None:
+            cache.lengths = ctx.key_lengths
+        return out
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM:

@@ -29,6 +29,7 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
+    "fp64": Format("fp64", 1, 8, False),   # exact caches for float64 models (tests, references)
     "fp32": Format("fp32", 1, 4, False),
     "fp16": Format("fp16", 1, 2, False),
     "bf16": Format("bf16", 1, 2, False),

@@ -104,7 +104,7 @@ def test_model_fused_equals_eager_and_is_causal(att):
 def test_tied_head_shares_storage_and_block_size_is_enforced():
     model = build_model(cfg({"type": "standard", "num_heads": 4}))
     assert model.lm_head.weight is model.embed.weight
-    with pytest.raises(ValueError, match="exceeds block_size 32"):
+    with pytest.raises(ValueError, match="exceed block_size 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
 

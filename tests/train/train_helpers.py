@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnlab.config.cache import CacheConfig
 from attnlab.config import DataConfig, ModelConfig, TrainConfig
 from attnlab.data import TokenSplits
 from attnlab.manifest import ResolvedRun
@@ -44,8 +45,9 @@ def make_run(out_dir: Path, run_id: str = "r0", *, model: ModelConfig | None = N
     model = model or model_config()
     train = train or train_config()
     data = data or DataConfig()
+    cache = CacheConfig()
     resolved = {"model": model.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                "train": train.model_dump(mode="json")}
+                "train": train.model_dump(mode="json"), "cache": cache.model_dump(mode="json")}
     return ResolvedRun(name="test", group="g", run_id=run_id, description="a test run", model=model,
-                       data=data, train=train, run_dir=Path(out_dir) / "test" / "g" / run_id,
+                       data=data, train=train, cache=cache, run_dir=Path(out_dir) / "test" / "g" / run_id,
                        resolved=resolved)

@@ -53,13 +53,27 @@ class AttentionLayer(nn.Module):
         batch, t_len, _ = x.shape
         p = self.project(x, ctx.positions)
         null_k, null_v = self.null_kv()
-        if ctx.attention_impl == "eager":
+        if ctx.cache is not None:
+            y = self._attend_cached(p, ctx, null_k, null_v)
+        elif ctx.attention_impl == "eager":
             y = eager_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v)
         else:
             y = fused_causal_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v,
                                        dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, t_len, -1)  # (B, T, H * d_v)
         return self.out(y)
+
+
+    def _attend_cached(self, p: Projected, ctx: ForwardContext, null_k, null_v) -> torch.Tensor:
+        """Write this step's key fields and values into the layer cache, then attend over it."""
+        from attnlab.kernels import cached_attention  # local: model code stays importable without caches
+
+        layer_cache = ctx.cache.layers[self.layer_index]
+        fields = {f.name: k for f, k in zip(self.dims.key_fields, p.k)}
+        fields["v"] = p.v
+        layer_cache.write(ctx.cache_offsets, ctx.valid, fields)
+        return cached_attention(p.q, layer_cache, self.scales, q_positions=ctx.positions,
+                                key_lengths=ctx.key_lengths, null_k=null_k, null_v=null_v)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Held-out negative log-likelihood: by full forward, and by cached decode under a cache policy
+(every token goes through the cache one step at a time, so attention reads the stored — possibly
+quantized — keys and values exactly as generation does)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnlab.cache import CachePolicy, ModelCache
+
+
+@dataclass
+class NLLResult:
+    nll: float           # mean nats per predicted token
+    tokens: int
+    windows: int
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int) -> torch.Tensor:
+    """(N, seq_len + 1) evenly spaced windows over a 1-D token array (deterministic)."""
+    span = seq_len + 1
+    if len(tokens) < span:
+        raise ValueError(f"{len(tokens)} held-out tokens are fewer than one window of {span}")
+    count = min(num_windows, len(tokens) // span)
+    starts = np.linspace(0, len(tokens) - span, count).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s: s + span], dtype=np.int64) for s in starts]))
+
+
+@torch.no_grad()
+def forward_nll(model, windows: torch.Tensor, batch_size: int = 8) -> NLLResult:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i: i + batch_size].to(device)
+        logits = model(w[:, :-1]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return NLLResult(total / count, count, len(windows))
+
+
+@torch.no_grad()
+def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | None,
+                      batch_size: int = 8, prefill: int = 1) -> tuple[NLLResult, ModelCache]:
+    """NLL when the first ``prefill`` tokens of each window are prefilled and every later token is
+    fed one decode step at a time through a cache under ``policy``. Returns the last batch's
+    cache too (for byte accounting)."""
+    device = next(model.parameters()).device
+    total, count, cache = 0.0, 0, None
+    for i in range(0, len(windows), batch_size):
+        w = windows[i: i + batch_size].to(device)
+        cache = ModelCache.for_model(model, policy, batch=len(w))
+        logits = [model(w[:, :prefill], cache=cache)]
+        for t in range(prefill, w.shape[1] - 1):
+            logits.append(model(w[:, t: t + 1], cache=cache))
+        logits = torch.cat(logits, dim=1).float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return NLLResult(total / count, count, len(windows)), cache
