@@ -34,9 +34,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load(path: str | Path, *, map_location: str = "cpu") -> DecoderLM:
-    """Load a trained model (eval mode) from a run folder or a ``.pt`` checkpoint."""
+    """Load a model (eval mode) from a run folder, a ``.pt`` checkpoint, a Hugging Face Llama
+    folder (``config.json`` + safetensors; see ``attnlab.convert.hf``) or a llama2.c ``.bin``."""
     from attnlab.train.checkpoint import read_checkpoint  # local: keep `import attnlab` light
 
+    folder = Path(path)
+    if (folder.is_dir() and (folder / "config.json").is_file()
+            and not any((folder / name).is_file() for name in ("best.pt", "last.pt"))):
+        from attnlab.convert.hf import load_hf_llama  # raises naming model_type if not Llama-family
+
+        return load_hf_llama(folder).to(map_location)
+    if folder.is_file() and folder.suffix == ".bin":
+        from attnlab.convert.llama2c import load_llama2c
+
+        return load_llama2c(folder).to(map_location)
     ckpt = resolve_checkpoint(path)
     payload = read_checkpoint(ckpt, required=("format", "version", "model_config", "model"),
                               map_location=map_location)
@@ -64,6 +75,20 @@ def run_tokenizer(path: str | Path) -> TokenizerConfig | None:
     if "tokenizer" not in data:
         return None
     return TokenizerConfig.model_validate(data["tokenizer"])
+
+
+def _resolved_config(path: str | Path) -> dict | None:
+    path = Path(path)
+    resolved = (path if path.is_dir() else path.parent) / "resolved_config.json"
+    return json.loads(resolved.read_text()) if resolved.is_file() else None
+
+
+def run_cache_policy(path: str | Path) -> str | None:
+    """The run's manifest ``cache`` section as a ``--cache-policy`` string (None if unset)."""
+    from attnlab.config.cache import CacheConfig
+
+    section = (_resolved_config(path) or {}).get("cache") or {}
+    return validate_section(CacheConfig, section, "cache").policy_text() or None
 
 
 def run_heldout_tokens(path: str | Path):

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab compile | run | train | sample | prepare``. Thin: parses arguments and
+"""Command line: ``attnlab compile | run | train | sample | bench | report | prepare``. Thin: parses arguments and
 calls library functions. User errors print one line and exit 2; bugs keep their traceback."""
 
 from __future__ import annotations
@@ -46,17 +46,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
 
     p = sub.add_parser("sample", help="generate text from a trained run or checkpoint",
-                       description="Generate a continuation of a prompt from a run folder or checkpoint.")
+                       description="Generate a continuation of a prompt from a run folder or checkpoint, over "
+                                   "a KV cache (optionally quantized, optionally with a speculative draft model). "
+                                   "The text goes to stdout, speed and cache statistics to stderr.")
     p.add_argument("--ckpt", required=True, type=Path, help="run folder (best.pt/last.pt) or .pt file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt, encoded with the run's tokenizer")
     src.add_argument("--prompt-ids", help="token ids, space or comma separated")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-policy", metavar="POLICY",
+                   help="KV-cache formats per field, e.g. q8_0 or k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=128 "
+                        "(default: the model's dtype)")
+    p.add_argument("--stop", action="append", default=[], metavar="TOKEN",
+                   help="also stop after this token (repeatable): a token id with --prompt-ids, a single-token "
+                        "string with --prompt (backslash escapes like \\n work); the tokenizer's end-of-text "
+                        "token always stops")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill the prompt N tokens per forward (default: the model's block_size)")
+    p.add_argument("--draft", type=Path, metavar="CKPT",
+                   help="speculative decoding with this draft model (run folder or .pt; same vocabulary); "
+                        "--cache-policy applies to the target, the draft caches in its own dtype")
+    p.add_argument("--draft-k", type=int, default=4, metavar="K", help="draft tokens proposed per round (default 4)")
+
+    p = sub.add_parser("bench", help="benchmark a run folder, checkpoint or manifest; saves records",
+                       description="Run benchmarks. TARGET is a run folder or checkpoint (suites from --suite) "
+                                   "or a manifest (the benchmarks its groups declare, on its trained runs; "
+                                   "then the group reports are rewritten). Records go to <run_dir>/bench/.")
+    p.add_argument("target", type=Path, help="run folder, checkpoint, or manifest (.yml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="manifest overrides (manifest targets)")
+    p.add_argument("--group", help="manifest targets: only this group")
+    p.add_argument("--suite", nargs="+", choices=["perplexity", "latency", "memory", "context_sweep", "downstream", "quality"],
+                   help="which benchmarks (run folder/checkpoint default: perplexity; manifest: filter its benchmarks)")
+    p.add_argument("--policies", nargs="+", help="perplexity: cache policies (default fp16 q8_0 q4_0 nf4 + heterogeneous)")
+    p.add_argument("--policy", help="cache policy for latency/memory/context_sweep/quality")
+    p.add_argument("--contexts", nargs="+", type=int, help="memory contexts and context_sweep lengths")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH", help="downstream JSONL task (repeatable)")
+    p.add_argument("--limit", type=int, help="downstream: examples per task")
+    p.add_argument("--reference", default="fp16", help="quality: 'fp16' or 'run:<id>'")
+    p.add_argument("--windows", type=int, help="perplexity/quality: held-out windows")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--report", type=Path, help="run folder/checkpoint targets: also write a report folder here")
+
+    p = sub.add_parser("report", help="regenerate a report folder from run folders (nothing re-measured)",
+                       description="Write report.json, CSVs, LaTeX tables, PNG plots and report.md from "
+                                   "finished run folders and their saved benchmark records.")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--title", default="attnlab report")
+
+    p = sub.add_parser("export", help="write a model as a Hugging Face Llama folder (config.json + safetensors)",
+                       description="Export a run folder, .pt checkpoint, Hugging Face Llama folder or llama2.c "
+                                   ".bin as a LlamaForCausalLM folder that transformers loads. Interleaved-RoPE "
+                                   "models get their q/k rows permuted to Hugging Face's half-split layout. "
+                                   "DBA, layernorm, gelu and topology-tree models cannot be exported.")
+    p.add_argument("--ckpt", required=True, type=Path, help="run folder, .pt, HF folder or llama2.c .bin")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weight dtype in the export (default: the model's)")
 
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into a token file",
                        description="Tokenize inputs into a memory-mappable .npy token file (+ JSON sidecar).")
@@ -124,35 +176,76 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_sample(args, command: str) -> int:
+    import codecs
+
     import torch
 
-    from attnlab.api import load, run_tokenizer
+    from attnlab.api import load, run_cache_policy, run_tokenizer
+    from attnlab.cache import CachePolicy
     from attnlab.data import build_tokenizer
-    from attnlab.infer import SamplingConfig, generate_uncached
+    from attnlab.infer import SamplingConfig, generate, speculative_generate
 
+    # the run's manifest `cache` section, if any; --cache-policy overrides it
+    policy_text = args.cache_policy if args.cache_policy is not None else run_cache_policy(args.ckpt)
+    policy = CachePolicy.parse(policy_text)  # a bad policy: ConfigError, one line
+    if args.max_new_tokens < 0:
+        raise AttnlabError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.draft is not None and args.draft_k < 1:
+        raise AttnlabError(f"--draft-k must be >= 1, got {args.draft_k}")
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise AttnlabError(str(err)) from None
     model = load(args.ckpt).to(args.device)
     tok_cfg = run_tokenizer(args.ckpt)
     tokenizer = build_tokenizer(tok_cfg) if tok_cfg is not None else None
-    if args.prompt is not None:
+    text_mode = args.prompt is not None
+    if text_mode:
         if tokenizer is None:
             raise AttnlabError(f"{args.ckpt}: the run's tokenizer is unknown (no resolved_config.json); use --prompt-ids")
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = _parse_ids(args.prompt_ids)
+    if not prompt:
+        raise AttnlabError("the prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
     if bad:
         raise AttnlabError(f"prompt token id {bad[0]} is outside the model's vocab (size {model.config.vocab_size})")
-    try:
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    except ValueError as err:
-        raise AttnlabError(str(err)) from None
-    stop = (tokenizer.eot_id,) if tokenizer is not None and tokenizer.eot_id is not None else ()
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    stop = {eot} if eot is not None else set()
+    for value in args.stop:  # ids with --prompt-ids, single-token strings with --prompt
+        if not text_mode:
+            try:
+                stop.add(int(value))
+            except ValueError:
+                raise AttnlabError(f"--stop: expected a token id with --prompt-ids, got {value!r}") from None
+            continue
+        encoded = tokenizer.encode(codecs.decode(value.encode("latin-1", "backslashreplace"), "unicode_escape"))
+        if len(encoded) != 1:
+            raise AttnlabError(f"--stop {value!r} encodes to {len(encoded)} tokens; give a single-token string")
+        stop.add(encoded[0])
     torch.manual_seed(args.seed)
-    new = generate_uncached(model, prompt, args.max_new_tokens, sampling, seed=args.seed, stop_ids=stop)
-    if args.prompt is not None:
-        print(tokenizer.decode(prompt) + tokenizer.decode(new))
+    if args.draft is not None:
+        draft = load(args.draft).to(args.device)
+        draft_tok = run_tokenizer(args.draft)
+        if tok_cfg is not None and draft_tok is not None and draft_tok != tok_cfg:
+            raise AttnlabError(f"--draft {args.draft}: its tokenizer ({draft_tok.type}) differs from the "
+                               f"target's ({tok_cfg.type})")
+        res = speculative_generate(model, draft, prompt, args.max_new_tokens, sampling, k=args.draft_k,
+                                   target_policy=policy, seed=args.seed, stop_ids=sorted(stop),
+                                   prefill_chunk=args.prefill_chunk)
+        new = res.tokens
+    else:
+        res = generate(model, [prompt], args.max_new_tokens, sampling, cache_policy=policy, seed=args.seed,
+                       stop_ids=sorted(stop), prefill_chunk=args.prefill_chunk)
+        new = res.tokens[0]
+    if text_mode:
+        shown = new[:-1] if new and new[-1] == eot else new  # the end-of-text marker is not text
+        print(tokenizer.decode(prompt) + tokenizer.decode(shown))
     else:  # ids in, ids out
         print(" ".join(str(t) for t in prompt + new))
+    sys.stdout.flush()
+    print(res.stats.summary(policy.label), file=sys.stderr)
     return 0
 
 
@@ -170,7 +263,99 @@ def cmd_prepare(args, command: str) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare}
+def _bench_configs_from_args(args) -> list:
+    from attnlab.config.bench import validate_benchmarks
+
+    common = {"device": args.device, "dtype": args.dtype}
+    specs = []
+    for kind in args.suite or ["perplexity"]:
+        spec = {"type": kind, **common}
+        if kind == "perplexity":
+            spec.update({k: v for k, v in (("policies", args.policies), ("windows", args.windows)) if v})
+        if kind in ("latency", "memory", "context_sweep", "quality") and args.policy:
+            spec["policy"] = args.policy
+        if kind == "memory" and args.contexts:
+            spec["contexts"] = args.contexts
+        if kind == "context_sweep" and args.contexts:
+            spec["lengths"] = args.contexts
+        if kind == "downstream":
+            if not args.task:
+                raise AttnlabError("downstream needs at least one --task NAME=PATH")
+            tasks = []
+            for text in args.task:
+                name, sep, path = text.partition("=")
+                if not sep:
+                    raise AttnlabError(f"--task {text!r}: expected NAME=PATH")
+                tasks.append({"name": name, "path": path, **({"limit": args.limit} if args.limit else {})})
+            spec["tasks"] = tasks
+        if kind == "quality":
+            spec.update({"reference": args.reference, **({"windows": args.windows} if args.windows else {})})
+        specs.append(spec)
+    return validate_benchmarks(specs, "bench")
+
+
+def _print_record(record) -> None:
+    from attnlab.report.tables import Table, fmt
+    from attnlab.summary import format_table
+
+    table = Table(record.benchmark, record.benchmark, list(dict.fromkeys(k for r in record.rows for k in r)), record.rows)
+    cols = [c for c in table.display_columns(record.type) if c != "run"]
+    print(f"\n{record.run} - {record.benchmark} ({record.meta.get('device_name')}, {record.meta.get('dtype')})")
+    print(format_table(cols, [[fmt(r.get(c)) for c in cols] for r in record.rows]))
+
+
+def cmd_bench(args, command: str) -> int:
+    from attnlab.bench.suite import Target, run_benchmarks
+
+    if args.target.suffix in (".yml", ".yaml"):
+        from attnlab.manifest import load_plan
+        from attnlab.run import benchmark_and_report
+
+        plan = load_plan(args.target, args.overrides, group=args.group)
+        if args.suite:
+            plan.benchmarks = {g: [b for b in bs if b.type in args.suite] for g, bs in plan.benchmarks.items()}
+        for group in plan.benchmarks:
+            missing = [r.key for r in plan.group_runs(group) if not (Path(r.run_dir) / "last.pt").is_file()]
+            if missing:
+                raise AttnlabError(f"runs not trained yet: {', '.join(missing)}; run `attnlab run {args.target}` first")
+            benchmark_and_report(plan, group, command)
+        return 0
+    if args.overrides:
+        raise AttnlabError("key=value overrides apply to manifest targets only")
+    target = Target(args.target)
+    for record in run_benchmarks(_bench_configs_from_args(args), target, command, save=target.config is not None,
+                                 progress=lambda m: print(m, file=sys.stderr, flush=True)):
+        _print_record(record)
+    if args.report:
+        from attnlab.report import write_report
+
+        files = write_report([target.run_dir], args.report, command=command)
+        print(f"\nreport: {files.markdown}")
+    return 0
+
+
+def cmd_report(args, command: str) -> int:
+    from attnlab.report import write_report
+
+    files = write_report(args.runs, args.out, title=args.title, command=command)
+    print(f"wrote {files.markdown}: {len(files.tables)} LaTeX tables, {len(files.csv)} CSV files, "
+          f"{len(files.plots)} plots ({', '.join(p.name for p in files.plots.values())})")
+    return 0
+
+
+def cmd_export(args, command: str) -> int:
+    from attnlab.api import load
+    from attnlab.convert.hf import export_hf_llama
+
+    model = load(args.ckpt)
+    out = export_hf_llama(model, args.out, dtype=args.dtype)
+    dtype = args.dtype or str(model.embed.weight.dtype).removeprefix("torch.")
+    print(f"wrote {out}: LlamaForCausalLM, {model.num_parameters():,} parameters, {dtype}")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample,
+            "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

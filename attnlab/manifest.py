@@ -30,6 +30,7 @@ from attnlab.config.data import DataConfig
 from attnlab.config.manifest import SECTIONS, TOP_LEVEL_KEYS, ManifestSpec, item_label, parse_manifest
 from attnlab.config.model import ModelConfig
 from attnlab.config.attention import attention_dims
+from attnlab.config.bench import validate_benchmarks
 from attnlab.config.cache import CacheConfig
 from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
@@ -70,6 +71,10 @@ class Plan:
     overrides: list[str]
     description: str = ""
     vars: dict = field(default_factory=dict)  # resolved ${vars}
+    benchmarks: dict = field(default_factory=dict)  # group name -> [BenchConfig] (run after training)
+
+    def group_runs(self, group: str) -> list[ResolvedRun]:
+        return [r for r in self.runs if r.group == group]
 
     def to_dict(self) -> dict:
         """JSON-able summary (what ``attnlab compile --print-plan`` shows)."""
@@ -79,6 +84,7 @@ class Plan:
             "source": str(self.source) if self.source is not None else None,
             "overrides": list(self.overrides),
             "vars": copy.deepcopy(self.vars),
+            "benchmarks": {g: [b.model_dump(mode="json") for b in bs] for g, bs in self.benchmarks.items()},
             "runs": [
                 {"key": r.key, "description": r.description, "run_dir": str(r.run_dir), **copy.deepcopy(r.resolved)}
                 for r in self.runs
@@ -445,9 +451,12 @@ def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source:
         out_root = Path.cwd() / out_root
 
     runs = [run for gi in range(len(spec.groups)) for run in _resolve_group(spec, gi, post, out_root)]
+    benchmarks = {g.name: validate_benchmarks(g.benchmarks, f"groups[{gi}]({g.name}).benchmarks")
+                  for gi, g in enumerate(spec.groups)}
     if group is not None:
         runs = [r for r in runs if r.group == group]
-    return Plan(spec.name, source, runs, list(overrides), spec.description, dict(spec.vars))
+        benchmarks = {group: benchmarks[group]}
+    return Plan(spec.name, source, runs, list(overrides), spec.description, dict(spec.vars), benchmarks)
 
 
 def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> None:

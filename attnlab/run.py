@@ -155,4 +155,30 @@ def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResu
             if key not in loaded:
                 loaded[key] = load_run_data(run, info)
             results.append(execute_run(run, command, splits=loaded[key], **kwargs))
+    if dist_env().rank == 0:
+        for group in dict.fromkeys(run.group for run in plan.runs):
+            benchmark_and_report(plan, group, command)
     return results
+
+
+def group_report_dir(plan: "Plan", group: str) -> Path:
+    """``<out_dir>/<name>/<group>/report``."""
+    return Path(plan.group_runs(group)[0].run_dir).parent / "report"
+
+
+def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_benchmarks_first: bool = True) -> Path:
+    """Run the group's declared benchmarks on each of its runs (records saved in
+    ``<run_dir>/bench/``), then write the group's report folder. Returns the folder."""
+    from attnlab.bench.suite import Target, run_benchmarks
+    from attnlab.report import write_report
+
+    runs = plan.group_runs(group)
+    siblings = {r.run_id: Path(r.run_dir) for r in runs}
+    if run_benchmarks_first:
+        for run in runs:
+            target = Target(run.run_dir, key=run.key, siblings=siblings)
+            run_benchmarks(plan.benchmarks.get(group, []), target, command, progress=lambda m: print(m, flush=True))
+    folder = group_report_dir(plan, group)
+    files = write_report([r.run_dir for r in runs], folder, title=f"{plan.name} / {group}", command=command)
+    print(f"report: {files.markdown} ({len(files.plots)} plots, {len(files.tables)} LaTeX tables)", flush=True)
+    return folder

@@ -111,3 +111,111 @@ def test_prepare_command(tmp_path, capsys):
     out = tmp_path / "tokens.npy"
     assert main(["prepare", str(src), "-o", str(out), "--tokenizer", "byte"]) == 0
     assert out.is_file() and "600 tokens" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- sample: cache policies, --stop, --draft
+def _tiny_checkpoint(folder: Path, attention: dict, seed: int, vocab: int = 256, d_model: int = 32,
+                     cache: dict | None = None) -> Path:
+    """A run folder with an untrained tiny model and a byte tokenizer (no training: fast)."""
+    import json
+
+    import torch
+
+    from attnlab.api import build_model
+    from attnlab.train.checkpoint import FORMAT, VERSION, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model({"vocab_size": vocab, "d_model": d_model, "num_layers": 2, "block_size": 32,
+                         "attention": attention, "tie_embeddings": False, "init_std": 0.2})
+    save_checkpoint(folder / "last.pt", {"format": FORMAT, "version": VERSION,
+                                         "model_config": model.config.model_dump(mode="json"),
+                                         "model": model.state_dict()})
+    resolved = {"data": {"tokenizer": {"type": "byte"}}} | ({"cache": cache} if cache else {})
+    (folder / "resolved_config.json").write_text(json.dumps(resolved))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_runs")
+    dba = {"type": "decoupled", "num_heads": 4, "sem_dim": 8, "geo_dim": 16, "null_token": True}
+    return {"target": _tiny_checkpoint(root / "target", dba, seed=0),
+            "draft": _tiny_checkpoint(root / "draft", {"type": "standard", "num_heads": 2}, seed=1),
+            "small_vocab": _tiny_checkpoint(root / "small_vocab", {"type": "standard", "num_heads": 2}, seed=1,
+                                            vocab=128),
+            "with_cache": _tiny_checkpoint(root / "with_cache", dba, seed=0, cache={"k_sem": "q4_0", "tail": 4})}
+
+
+def _sample(capsys, *argv):
+    code = main(["sample", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_with_cache_policy_prints_stats_to_stderr(sample_runs, capsys):
+    from attnlab.api import load
+    from attnlab.infer import generate
+
+    target = sample_runs["target"]
+    code, out, err = _sample(capsys, "--ckpt", target, "--prompt-ids", "5 6 7", "--max-new-tokens", 6,
+                             "--temperature", 0, "--cache-policy", "k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=2",
+                             "--prefill-chunk", 2)
+    assert code == 0
+    ids = [int(t) for t in out.split()]
+    expected = generate(load(target), [[5, 6, 7]], 6, cache_policy="k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=2")
+    assert ids == [5, 6, 7] + expected.tokens[0]
+    assert "tok/s" in err and "ms/token" in err and "B/token analytic" in err and "B allocated" in err
+    assert "KV cache (k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=2)" in err and "acceptance" not in err
+
+
+def test_sample_uses_the_runs_cache_section_unless_overridden(sample_runs, capsys):
+    argv = ["--ckpt", sample_runs["with_cache"], "--prompt-ids", "1 2", "--max-new-tokens", 3]
+    code, _, err = _sample(capsys, *argv)
+    assert code == 0 and "KV cache (k_sem=q4_0,tail=4)" in err
+    code, _, err = _sample(capsys, *argv, "--cache-policy", "nf4")
+    assert code == 0 and "KV cache (nf4)" in err
+
+
+def test_sample_with_a_draft_model_reports_acceptance(sample_runs, capsys):
+    target, draft = sample_runs["target"], sample_runs["draft"]
+    argv = ["--ckpt", target, "--prompt-ids", "1 2 3 4", "--max-new-tokens", 10, "--temperature", 0]
+    code, plain, _ = _sample(capsys, *argv)
+    assert code == 0
+    code, out, err = _sample(capsys, *argv, "--draft", draft, "--draft-k", 3)
+    assert code == 0 and out == plain  # greedy speculative decoding = the target's greedy output
+    assert "acceptance rate" in err and "rounds" in err
+    code, out, err = _sample(capsys, "--ckpt", target, "--prompt", "the quick", "--max-new-tokens", 8,
+                             "--draft", draft, "--cache-policy", "q8_0", "--temperature", 0.9, "--top-k", 40)
+    assert code == 0 and out.startswith("the quick") and "acceptance rate" in err
+
+
+def test_sample_stop_token(sample_runs, capsys):
+    target = sample_runs["target"]
+    argv = ["--ckpt", target, "--prompt-ids", "104 101", "--max-new-tokens", 8, "--temperature", 0]
+    _, out, _ = _sample(capsys, *argv)
+    free = [int(t) for t in out.split()][2:]
+    stop = free[3]
+    code, out, _ = _sample(capsys, *argv, "--stop", stop)
+    assert code == 0 and [int(t) for t in out.split()][2:] == free[: free.index(stop) + 1]
+    # text mode: a single-byte stop string (here given as a backslash escape) on the same continuation
+    text_argv = ["--ckpt", target, "--prompt", "he", "--max-new-tokens", 8, "--temperature", 0]
+    stop = next(t for t in free if 32 < t < 127)  # the first printable ASCII byte generated
+    expected = "he" + bytes(free[: free.index(stop) + 1]).decode("utf-8", errors="replace")
+    code, cut, _ = _sample(capsys, *text_argv, "--stop", f"\\x{stop:02x}")
+    assert code == 0 and cut == expected + "\n"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--cache-policy", "k=q3_k"], "unknown format"),
+    (["--cache-policy", "k=q4_0"], "field 'k' does not exist"),  # the target is DBA: k_sem / k_geo
+    (["--stop", "ab", "--prompt", "x"], "encodes to 2 tokens"),
+    (["--stop", "x"], "expected a token id"),
+    (["--draft", "{small_vocab}"], "draft vocab size 128 differs"),
+    (["--draft", "{draft}", "--draft-k", "0"], "--draft-k must be >= 1"),
+    (["--prefill-chunk", "99"], "prefill chunk size"),
+])
+def test_sample_user_errors_are_one_line(sample_runs, capsys, extra, needle):
+    extra = [a.format(**{k: str(v) for k, v in sample_runs.items()}) for a in extra]
+    prompt = [] if "--prompt" in extra else ["--prompt-ids", "1 2"]
+    code, _, err = _sample(capsys, "--ckpt", sample_runs["target"], *prompt, "--max-new-tokens", 2, *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err

@@ -65,3 +65,18 @@ def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | 
         total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
         count += w[:, 1:].numel()
     return NLLResult(total / count, count, len(windows)), cache
+
+
+def run_perplexity(cfg, ctx) -> list[dict]:
+    """Rows per cache policy: analytic/allocated KV bytes per token, cached-decode NLL and the
+    gap to the full forward (``PerplexityBench``)."""
+    from attnlab.bench.kv_policies import compare_policies, default_policies
+    from attnlab.errors import AttnlabError
+
+    if ctx.heldout is None:
+        raise AttnlabError("perplexity benchmark needs held-out tokens (a run folder with data)")
+    seq_len = cfg.seq_len or ctx.model.config.block_size
+    windows = eval_windows(ctx.heldout, seq_len, cfg.windows)
+    policies = cfg.policies or default_policies(ctx.model)
+    reference, rows = compare_policies(ctx.model, windows, policies, cfg.batch_size)
+    return [{**row.to_dict(), "forward_nll": reference, "windows": len(windows), "seq_len": seq_len} for row in rows]

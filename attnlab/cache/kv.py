@@ -12,6 +12,10 @@ from attnlab.config.attention import AttentionDims
 from attnlab.errors import AttnlabError
 
 
+def _rows(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.transpose(1, 2).flatten(2) for name, t in fields.items()}  # (B, T, KV * hd)
+
+
 class LayerCache:
     """One attention layer's cache: a ``FieldStore`` per field (``k`` | ``k_sem``, ``k_geo``;
     and ``v``) in its policy format, plus the optional full-precision tail window. Geometric keys
@@ -29,22 +33,44 @@ class LayerCache:
         self.window = (TailWindow(policy.tail + policy.rollback, self.row_lengths, batch, device, dtype)
                        if policy.tail else None)
 
-    def write(self, offsets: list[int], valid: list[int], fields: dict[str, torch.Tensor]) -> None:
-        """Store new tokens: ``fields[name]`` is (B, KV, T, head_dim)."""
-        rows = {name: t.transpose(1, 2).flatten(2) for name, t in fields.items()}  # (B, T, KV * hd)
+    def write(self, offsets: list[int], valid: list[int], fields: dict[str, torch.Tensor], *,
+              include_tail: bool = True) -> None:
+        """Store new tokens: ``fields[name]`` is (B, KV, T, head_dim). With ``include_tail=False``
+        the exact tail window is left for ``write_tail`` (called after attention has read the
+        older exact tokens a multi-token chunk would otherwise overwrite)."""
+        rows = _rows(fields)
         for name, store in self.stores.items():
             store.write(offsets, rows[name])
-        if self.window is not None:
-            self.window.write(offsets, valid, rows)
+        if include_tail:
+            self.write_tail(offsets, valid, fields)
 
-    def read(self, name: str, start: int, end: int, lengths: list[int]) -> torch.Tensor:
-        """Positions start..end-1 of field ``name``, (B, KV, end - start, head_dim), dequantized;
-        each sequence's newest ``tail`` positions come from the exact window."""
+    def write_tail(self, offsets: list[int], valid: list[int], fields: dict[str, torch.Tensor]) -> None:
+        if self.window is not None:
+            self.window.write(offsets, valid, _rows(fields))
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Positions start..end-1 of field ``name`` as stored (dequantized): (B, KV, c, head_dim)."""
+        return self._heads(self.stores[name].read(start, end))
+
+    def read_exact(self, name: str, start: int, end: int, offsets: list[int],
+                   fresh: torch.Tensor | None) -> torch.Tensor:
+        """Positions start..end-1 at full precision where it is kept: positions >= offsets[b]
+        (this forward's tokens) from ``fresh`` (B, KV, T, head_dim), older ones from the tail
+        window; positions neither covers come back as stored (callers never use them as exact)."""
         chunk = self.stores[name].read(start, end)
         if self.window is not None:
-            tail_starts = [n - self.tail for n in lengths]
-            chunk = self.window.overlay(name, chunk, start, tail_starts, lengths)
-        return chunk.unflatten(2, (self.dims.num_kv_heads, -1)).transpose(1, 2)
+            lengths = offsets  # the window holds tokens before this forward
+            chunk = self.window.overlay(name, chunk, start, [max(0, n - self.window.size) for n in lengths], lengths)
+        chunk = self._heads(chunk)
+        if fresh is not None:
+            for b, offset in enumerate(offsets):
+                lo, hi = max(start, offset), min(end, offset + fresh.shape[2])
+                if lo < hi:
+                    chunk[b, :, lo - start: hi - start] = fresh[b, :, lo - offset: hi - offset].to(chunk.dtype)
+        return chunk
+
+    def _heads(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.unflatten(2, (self.dims.num_kv_heads, -1)).transpose(1, 2)
 
     def check_rollback(self, b: int, new_length: int) -> None:
         if self.window is not None and not self.window.holds(b, max(0, new_length - self.tail), new_length):

@@ -89,14 +89,17 @@ class TailWindow:
 
     def overlay(self, name: str, chunk: torch.Tensor, start: int, tail_starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Replace rows of ``chunk`` (B, c, row) at positions [tail_start_b, length_b) with the
-        ring's exact values."""
+        ring's exact values, where the ring still holds that position."""
         end = start + chunk.shape[1]
         for b, (lo, hi) in enumerate(zip(tail_starts, lengths)):
             lo, hi = max(lo, start), min(hi, end)
             if lo >= hi:
                 continue
             positions = torch.arange(lo, hi, device=chunk.device)
-            chunk[b, lo - start: hi - start] = self.rows[name][b, positions % self.size].to(chunk.dtype)
+            slots = positions % self.size
+            held = (self.slot_position[b, slots] == positions).unsqueeze(-1)
+            exact = self.rows[name][b, slots].to(chunk.dtype)
+            chunk[b, lo - start: hi - start] = torch.where(held, exact, chunk[b, lo - start: hi - start])
         return chunk
 
     def bytes_allocated(self) -> int:

@@ -17,23 +17,34 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
 
 
-def _format_loc(prefix: str, loc: tuple) -> str:
+def _format_loc(prefix: str, loc: tuple, root: Any = None) -> str:
+    """``prefix.key[i].key`` from a pydantic error location. Discriminated unions add the tag
+    value (``standard``, ``latency``, ...) to the location; it is skipped exactly when it is the
+    ``type`` of the mapping at that level of the input."""
     parts = [prefix] if prefix else []
+    node = root
     for item in loc:
+        if isinstance(node, dict) and item not in node and node.get("type") == item:
+            continue  # a union tag, not a key the user wrote
+        if isinstance(item, str) and item.startswith("function-"):
+            continue  # validator wrappers
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item in ("standard", "bottleneck", "decoupled") or str(item).startswith("function-"):
-            # discriminated-union tags and validator wrappers are not part of the user's key path
-            continue
         else:
             parts.append(str(item))
+        if isinstance(node, dict):
+            node = node.get(item)
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+        else:
+            node = None
     return ".".join(parts)
 
 
-def validation_error_to_config_error(err: ValidationError, prefix: str = "") -> ConfigError:
+def validation_error_to_config_error(err: ValidationError, prefix: str = "", root: Any = None) -> ConfigError:
     """Turn the first pydantic error into a one-line ``ConfigError`` (key path + value)."""
     first = err.errors(include_url=False)[0]
-    path = _format_loc(prefix, tuple(first["loc"]))
+    path = _format_loc(prefix, tuple(first["loc"]), root)
     kind = first["type"]
     msg = first["msg"]
     if kind == "extra_forbidden":
@@ -56,4 +67,4 @@ def validate_section(cls: type[T], data: Any, prefix: str) -> T:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise validation_error_to_config_error(err, prefix) from None
+        raise validation_error_to_config_error(err, prefix, data) from None

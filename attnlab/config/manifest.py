@@ -67,6 +67,7 @@ class GroupSpec(StrictModel):
     name: Name
     description: str = ""
     runs: list[RunSpec] = Field(min_length=1)
+    benchmarks: list[Any] = Field(default_factory=list, description="benchmark specs run after training")
 
 
 class ManifestSpec(StrictModel):

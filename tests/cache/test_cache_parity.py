@@ -177,3 +177,17 @@ def test_hybrid_stack_takes_one_policy_for_both_kinds_of_layer():
         [("k_geo", "q8_0"), ("k_sem", "q4_0"), ("v", "q4_0")], [("k", "q8_0"), ("v", "q4_0")]]
     ids = torch.randint(0, 97, (1, 10))
     torch.testing.assert_close(model(ids, cache=cache), model(ids), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("policy", ["q4_0,tail=3", "k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=5,rollback=2"])
+@torch.no_grad()
+def test_exact_tail_is_per_query_so_chunking_does_not_matter(policy):
+    """A query reads its own newest `tail` tokens exactly, whether the tokens arrive one by one
+    or in chunks longer than the tail window."""
+    model = make_model(VARIANTS["dba_gqa_null_gate"], dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 23))
+    stepwise = ModelCache.for_model(model, policy, batch=2)
+    one_by_one = torch.cat([model(ids[:, t: t + 1], cache=stepwise) for t in range(23)], 1)
+    chunked = ModelCache.for_model(model, policy, batch=2)
+    in_chunks = torch.cat([model(ids[:, s: s + 9], cache=chunked) for s in range(0, 23, 9)], 1)
+    torch.testing.assert_close(in_chunks, one_by_one, rtol=1e-5, atol=1e-5)

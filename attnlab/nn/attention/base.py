@@ -71,9 +71,16 @@ class AttentionLayer(nn.Module):
         layer_cache = ctx.cache.layers[self.layer_index]
         fields = {f.name: k for f, k in zip(self.dims.key_fields, p.k)}
         fields["v"] = p.v
-        layer_cache.write(ctx.cache_offsets, ctx.valid, fields)
-        return cached_attention(p.q, layer_cache, self.scales, q_positions=ctx.positions,
-                                key_lengths=ctx.key_lengths, null_k=null_k, null_v=null_v)
+        # one new token: its exact copy can enter the tail window first (nothing needed is
+        # evicted); a longer chunk updates the window only after attention read the older tokens
+        single = p.v.shape[2] == 1
+        layer_cache.write(ctx.cache_offsets, ctx.valid, fields, include_tail=single)
+        y = cached_attention(p.q, layer_cache, self.scales, q_positions=ctx.positions,
+                             key_lengths=ctx.key_lengths, null_k=null_k, null_v=null_v,
+                             fresh=fields, offsets=ctx.cache_offsets)
+        if not single:
+            layer_cache.write_tail(ctx.cache_offsets, ctx.valid, fields)
+        return y
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Run declared benchmarks against a run folder or checkpoint and save one record each."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from attnlab.bench.context import BenchContext, BenchRecord, bench_provenance
+from attnlab.errors import AttnlabError
+
+#: benchmark type -> "module:function" (imported on use)
+RUNNERS = {
+    "perplexity": "attnlab.bench.perplexity:run_perplexity",
+    "latency": "attnlab.bench.latency:run_latency",
+    "memory": "attnlab.bench.memory:run_memory",
+    "context_sweep": "attnlab.bench.sweep:run_context_sweep",
+    "downstream": "attnlab.bench.downstream:run_downstream",
+    "quality": "attnlab.bench.quality:run_quality",
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _runner(kind: str):
+    module, func = RUNNERS[kind].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise AttnlabError(f"benchmark {cfg.name}: device cuda requested but CUDA is not available")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if cfg.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[cfg.dtype]
+
+
+class Target:
+    """A run folder or checkpoint to benchmark: loads the model once per (device, dtype) and
+    knows the run's held-out tokens, tokenizer and cache policy."""
+
+    def __init__(self, path: str | Path, key: str | None = None, siblings: dict[str, Path] | None = None):
+        from attnlab.api import resolve_checkpoint
+
+        self.path = Path(path)
+        self.checkpoint = resolve_checkpoint(self.path)
+        self.run_dir = self.path if self.path.is_dir() else self.path.parent
+        self.key = key or f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        self.siblings = siblings or {}
+        resolved = self.run_dir / "resolved_config.json"
+        self.config = json.loads(resolved.read_text()) if resolved.is_file() else None
+        self._models: dict = {}
+        self._heldout = None
+
+    def model(self, device: torch.device, dtype: torch.dtype):
+        from attnlab.api import load
+
+        key = (str(device), dtype)
+        if key not in self._models:
+            self._models[key] = load(self.checkpoint).to(device=device, dtype=dtype).eval()
+        return self._models[key]
+
+    def heldout(self):
+        if self._heldout is None and self.config is not None:
+            from attnlab.api import run_heldout_tokens
+
+            self._heldout = run_heldout_tokens(self.run_dir)
+        return self._heldout
+
+    def tokenizer(self):
+        from attnlab.api import run_tokenizer
+        from attnlab.data import build_tokenizer
+
+        cfg = run_tokenizer(self.run_dir)
+        return build_tokenizer(cfg) if cfg is not None else None
+
+    def cache_policy(self) -> str | None:
+        from attnlab.api import run_cache_policy
+
+        return run_cache_policy(self.run_dir)
+
+    def reference_loader(self, device, dtype):
+        def load_reference(run_id: str):
+            if run_id not in self.siblings:
+                raise AttnlabError(f"quality reference run:{run_id} is not a run of this group "
+                                   f"(runs: {', '.join(sorted(self.siblings))})")
+            return Target(self.siblings[run_id]).model(device, dtype)
+        return load_reference
+
+
+def run_benchmark(cfg, target: Target, command: str = "") -> BenchRecord:
+    device, dtype = resolve_device_dtype(cfg)
+    ctx = BenchContext(model=target.model(device, dtype), device=device, dtype=dtype, run_key=target.key,
+                       command=command, heldout=target.heldout(), tokenizer=target.tokenizer(),
+                       cache_policy=target.cache_policy(), load_reference=target.reference_loader(device, dtype))
+    rows = _runner(cfg.type)(cfg, ctx)
+    return BenchRecord(cfg.name, cfg.type, target.key, rows, bench_provenance(ctx, cfg.model_dump(mode="json")))
+
+
+def run_benchmarks(benches: list, target: Target, command: str = "", *, save: bool = True,
+                   progress=print) -> list[BenchRecord]:
+    records = []
+    for cfg in benches:
+        progress(f"bench {target.key}: {cfg.name} ...")
+        record = run_benchmark(cfg, target, command)
+        if save:
+            record.save(target.run_dir / "bench")
+        records.append(record)
+    return records

@@ -1,0 +1,128 @@
+"""Typed benchmark specs, declared per manifest group (``groups[i].benchmarks``) or built from
+``attnlab bench`` arguments."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from attnlab.config.base import StrictModel
+
+
+class _BenchBase(StrictModel):
+    id: str | None = Field(None, description="name of this benchmark's outputs; default: its type")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+    @property
+    def name(self) -> str:
+        return self.id or self.type
+
+
+class PerplexityBench(_BenchBase):
+    """Held-out NLL/perplexity by full forward and by token-by-token cached decode per policy."""
+
+    type: Literal["perplexity"] = "perplexity"
+    windows: int = Field(16, gt=0)
+    seq_len: int | None = Field(None, gt=0, description="default: model.block_size")
+    batch_size: int = Field(8, gt=0)
+    policies: list[str] = Field(default_factory=list, description="cache policies; empty: fp16 q8_0 q4_0 nf4 + heterogeneous")
+
+
+class LatencyBench(_BenchBase):
+    """Prefill tokens/s and decode ms/token over prompt lengths x generation lengths."""
+
+    type: Literal["latency"] = "latency"
+    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
+    gen_lengths: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    batch_size: int = Field(1, gt=0)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(5, gt=0)
+    policy: str | None = None
+
+
+class MemoryBench(_BenchBase):
+    """KV bytes/token analytic vs allocated, peak device memory, and the long-context
+    decomposition standard fp16 -> this architecture fp16 -> this architecture under its policy."""
+
+    type: Literal["memory"] = "memory"
+    contexts: list[int] = Field(default_factory=lambda: [1024, 4096], min_length=1)
+    policy: str | None = Field(None, description="default: the run's cache policy, else heterogeneous")
+    measure_up_to: int = Field(8192, gt=0, description="measure allocations up to this context; estimate beyond")
+    chunk: int | None = Field(None, gt=0, description="prefill chunk; default block_size")
+
+
+class ContextSweepBench(_BenchBase):
+    """Chunked prefill to each length; last-chunk loss, prefill time, decode-at-context ms, ok.
+    A failure (out of memory, ...) is recorded for that point and the sweep continues."""
+
+    type: Literal["context_sweep"] = "context_sweep"
+    lengths: list[int] = Field(default_factory=lambda: [512, 2048], min_length=1)
+    chunk: int | None = Field(None, gt=0, description="prefill chunk; default block_size")
+    policy: str | None = None
+    decode_tokens: int = Field(4, gt=0)
+
+
+class DownstreamTask(StrictModel):
+    name: str
+    path: str
+    format: Literal["auto", "choice", "winogrande", "lambada", "hellaswag"] = "auto"
+    limit: int | None = Field(None, gt=0)
+
+
+class DownstreamBench(_BenchBase):
+    """Multiple-choice tasks scored by log-likelihood from local JSONL: accuracy and
+    length-normalized accuracy (LAMBADA: last-word accuracy and perplexity)."""
+
+    type: Literal["downstream"] = "downstream"
+    tasks: list[DownstreamTask] = Field(min_length=1)
+    tokenizer_path: str | None = Field(None, description="local .tiktoken for GPT-2-tokenized models")
+
+
+class QualityBench(_BenchBase):
+    """Smoke test against a reference: top-k overlap, top-1 agreement, KL, greedy agreement."""
+
+    type: Literal["quality"] = "quality"
+    reference: str = Field("fp16", description="'fp16' (same model, fp16 cache) or 'run:<id>' (another run of the group)")
+    policy: str | None = None
+    windows: int = Field(4, gt=0)
+    seq_len: int | None = Field(None, gt=0)
+    top_k: int = Field(5, gt=0)
+    greedy_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _check_reference(self) -> "QualityBench":
+        if self.reference != "fp16" and not self.reference.startswith("run:"):
+            raise ValueError(f"reference must be 'fp16' or 'run:<id>', got {self.reference!r}")
+        return self
+
+
+BenchConfig = Annotated[
+    Union[PerplexityBench, LatencyBench, MemoryBench, ContextSweepBench, DownstreamBench, QualityBench],
+    Field(discriminator="type"),
+]
+
+
+def validate_benchmarks(items: list, prefix: str) -> list:
+    """Validate a list of benchmark mappings; errors name ``prefix[i].key``."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from attnlab.config.base import validation_error_to_config_error
+    from attnlab.errors import ConfigError
+
+    adapter = TypeAdapter(BenchConfig)
+    out, names = [], set()
+    for i, item in enumerate(items):
+        where = f"{prefix}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, "expected a mapping with a 'type'", item)
+        try:
+            cfg = adapter.validate_python(item, strict=True)
+        except ValidationError as err:
+            raise validation_error_to_config_error(err, where, item) from None
+        if cfg.name in names:
+            raise ConfigError(f"{where}.id", "duplicate benchmark name in this group; give each an 'id'", cfg.name)
+        names.add(cfg.name)
+        out.append(cfg)
+    return out
