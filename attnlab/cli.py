@@ -313,7 +313,10 @@ def cmd_bench(args, command: str) -> int:
 
         plan = load_plan(args.target, args.overrides, group=args.group)
         if args.suite:
-            plan.benchmarks = {g: [b for b in bs if b.type in args.suite] for g, bs in plan.benchmarks.items()}
+            import dataclasses
+
+            plan = dataclasses.replace(plan, benchmarks={g: [b for b in bs if b.type in args.suite]
+                                                         for g, bs in plan.benchmarks.items()})
         for group in plan.benchmarks:
             missing = [r.key for r in plan.group_runs(group) if not (Path(r.run_dir) / "last.pt").is_file()]
             if missing:
