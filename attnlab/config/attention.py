@@ -38,14 +38,15 @@ class RopeConfig(StrictModel):
     """Rotary embedding. ``style``: ``half`` rotates (x[i], x[i+d/2]) as Hugging Face / NeoX do;
     ``interleaved`` rotates (x[2i], x[2i+1]) as Meta's original Llama and llama2.c do.
 
-    ``inv_freq`` is an explicit list of per-pair angular frequencies (length head_dim/2); when set,
-    ``theta`` and ``scaling`` are ignored (upcycling keeps a teacher's chosen frequencies this way).
+    ``inv_freq`` is an explicit list of per-pair angular frequencies (length head_dim/2), or one
+    such list per kv head (query heads use their group's list); when set, ``theta`` and
+    ``scaling`` are ignored (upcycling keeps a teacher's chosen frequencies this way).
     """
 
     theta: float = Field(10000.0, gt=0)
     style: Literal["half", "interleaved"] = "half"
     scaling: Llama3RopeScaling | None = None
-    inv_freq: list[float] | None = None
+    inv_freq: list[float] | list[list[float]] | None = None
 
 
 class _AttentionBase(StrictModel):
@@ -67,15 +68,20 @@ class _AttentionBase(StrictModel):
         return self
 
 
-def _check_rope(rope: RopeConfig | None, head_dim: int, what: str) -> None:
+def _check_rope(rope: RopeConfig | None, head_dim: int, what: str, kv_heads: int | None = None) -> None:
     if rope is None:
         return
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even {what}, got {head_dim}")
-    if rope.inv_freq is not None and len(rope.inv_freq) != head_dim // 2:
-        raise ValueError(
-            f"rope.inv_freq has {len(rope.inv_freq)} entries; {what}={head_dim} needs {head_dim // 2}"
-        )
+    freqs = rope.inv_freq
+    if freqs is None:
+        return
+    lists = freqs if freqs and isinstance(freqs[0], list) else [freqs]
+    if len(lists) > 1 and kv_heads is not None and len(lists) != kv_heads:
+        raise ValueError(f"rope.inv_freq has {len(lists)} per-head lists; num_kv_heads={kv_heads} needs one each")
+    for entry in lists:
+        if len(entry) != head_dim // 2:
+            raise ValueError(f"rope.inv_freq has {len(entry)} entries; {what}={head_dim} needs {head_dim // 2}")
 
 
 class StandardAttentionConfig(_AttentionBase):
@@ -100,7 +106,7 @@ class BottleneckAttentionConfig(_AttentionBase):
     def _check_dims(self) -> "BottleneckAttentionConfig":
         if self.attn_dim % self.num_heads:
             raise ValueError(f"attn_dim={self.attn_dim} is not divisible by num_heads={self.num_heads}")
-        _check_rope(self.rope, self.attn_dim // self.num_heads, "attn_dim/num_heads")
+        _check_rope(self.rope, self.attn_dim // self.num_heads, "attn_dim/num_heads", self.kv_heads)
         return self
 
 
@@ -127,7 +133,7 @@ class DecoupledAttentionConfig(_AttentionBase):
             value = getattr(self, name)
             if value is not None and value % self.num_heads:
                 raise ValueError(f"{name}={value} is not divisible by num_heads={self.num_heads}")
-        _check_rope(self.rope, self.geo_dim // self.num_heads, "geo_dim/num_heads")
+        _check_rope(self.rope, self.geo_dim // self.num_heads, "geo_dim/num_heads", self.kv_heads)
         if self.tie_qk and self.kv_heads != self.num_heads:
             raise ValueError(
                 "tie_qk needs num_kv_heads == num_heads (a tied semantic projection cannot "
@@ -194,8 +200,8 @@ def check_attention_against_width(cfg, d_model: int) -> None:
     if isinstance(cfg, StandardAttentionConfig) and cfg.head_dim is None:
         if d_model % cfg.num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={cfg.num_heads}")
-        _check_rope(cfg.rope, d_model // cfg.num_heads, "head_dim")
+        _check_rope(cfg.rope, d_model // cfg.num_heads, "head_dim", cfg.kv_heads)
     elif isinstance(cfg, StandardAttentionConfig):
-        _check_rope(cfg.rope, cfg.head_dim, "head_dim")
+        _check_rope(cfg.rope, cfg.head_dim, "head_dim", cfg.kv_heads)
     if isinstance(cfg, BottleneckAttentionConfig) and cfg.attn_dim >= d_model:
         raise ValueError(f"bottleneck attn_dim={cfg.attn_dim} must be smaller than d_model={d_model}")

@@ -12,7 +12,8 @@ from attnlab.config.attention import Llama3RopeScaling, RopeConfig
 
 
 def rope_inv_freq(cfg: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Angular frequency of each rotated pair, float64 [head_dim // 2]."""
+    """Angular frequency of each rotated pair, float64: (head_dim // 2,), or (kv_heads,
+    head_dim // 2) for per-head lists."""
     if cfg.inv_freq is not None:
         return torch.tensor(cfg.inv_freq, dtype=torch.float64)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
@@ -56,15 +57,20 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = exact.to(self.inv_freq.device)
         return self
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (…, T, head_dim // 2) for integer ``positions`` ((T,) or (B, T))."""
-        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, num_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin broadcastable against (B, heads, T, head_dim // 2) for integer ``positions``
+        ((T,) or (B, T))."""
+        inv_freq = self.inv_freq
+        if inv_freq.dim() == 2:  # per kv head: query heads take their group's frequencies
+            inv_freq = inv_freq.repeat_interleave(num_heads // inv_freq.shape[0], dim=0)[:, None, :]  # (heads, 1, P)
+        pos = positions.to(torch.float64).unsqueeze(-1)  # (T, 1) or (B, T, 1)
+        if pos.dim() == 3:
+            pos = pos.unsqueeze(1)  # (B, 1, T, 1): broadcast over heads
+        angles = pos * inv_freq
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos_sin(positions, x.dtype)  # (T, d/2) or (B, T, d/2)
-        if cos.dim() == 3:  # per-sequence positions: broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self.cos_sin(positions, x.dtype, x.shape[1])
         return apply_rotary(x, cos, sin, self.style)
 
 

@@ -85,3 +85,26 @@ def test_frequencies_stay_float64_when_the_model_is_cast():
     far = torch.tensor([100_000])
     exact = RotaryEmbedding(RopeConfig(), 8).double()(x, far)
     torch.testing.assert_close(rope.double()(x, far), exact, rtol=0, atol=0)
+
+
+def test_per_kv_head_frequencies_apply_to_their_query_group():
+    freqs = [[1.0, 0.1], [0.5, 0.01]]  # two kv heads, head dim 4
+    rope = RotaryEmbedding(RopeConfig(inv_freq=freqs), 4)
+    x = torch.randn(2, 4, 3, 4)  # 4 query heads: heads 0-1 use list 0, heads 2-3 use list 1
+    pos = torch.tensor([0, 5, 9])
+    out = rope(x, pos)
+    for head, group in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        single = RotaryEmbedding(RopeConfig(inv_freq=freqs[group]), 4)
+        torch.testing.assert_close(out[:, head], single(x[:, head: head + 1], pos)[:, 0])
+    torch.testing.assert_close(rope(x, pos.expand(2, 3)), out)
+
+
+def test_per_head_frequency_lists_are_validated():
+    from attnlab.config.attention import DecoupledAttentionConfig
+
+    with pytest.raises(ValueError, match="num_kv_heads=2 needs one each"):
+        DecoupledAttentionConfig(num_heads=4, num_kv_heads=2, sem_dim=8, geo_dim=16,
+                                 rope=RopeConfig(inv_freq=[[1.0, 0.5], [1.0, 0.5], [1.0, 0.5]]))
+    with pytest.raises(ValueError, match="needs 2"):
+        DecoupledAttentionConfig(num_heads=4, num_kv_heads=2, sem_dim=8, geo_dim=16,
+                                 rope=RopeConfig(inv_freq=[[1.0], [1.0, 0.5]]))
