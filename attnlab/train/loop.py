@@ -29,6 +29,7 @@ from attnlab.train.events import EventLog
 from attnlab.train.optim import build_optimizer
 from attnlab.train.schedule import lr_at
 from attnlab.train.state import TrainState, make_payload, restore
+from attnlab.train.objectives import LanguageModeling
 from attnlab.train.step import Batch, StepStats, autocast_factory, train_step
 
 LAST, BEST, EVENTS = "last.pt", "best.pt", "train.jsonl"
@@ -64,6 +65,7 @@ class Trainer:
         self.autocast = autocast_factory(cfg.precision, device)
         self.events = EventLog(self.run_dir / EVENTS if info.is_main else None)
         self.progress = progress
+        self.objective = LanguageModeling()
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> TrainState:
@@ -113,7 +115,7 @@ class Trainer:
         state, t0 = self.state, time.perf_counter()
         batches = self.micro_batches(state.step)
         stats = train_step(self.model, self.optimizer, batches, lr=lr_at(state.step, self.cfg),
-                           grad_clip=self.cfg.grad_clip, autocast=self.autocast)
+                           grad_clip=self.cfg.grad_clip, autocast=self.autocast, objective=self.objective)
         if self.device.type == "cuda" and (state.step + 1) % self.cfg.log_every == 0:
             torch.cuda.synchronize(self.device)  # so the logged throughput is honest
         state.step += 1
@@ -171,13 +173,18 @@ def build_trainer(model_factory: Callable[[], nn.Module], cfg: TrainConfig, *, b
                   eval_set: Sequence[Batch], run_dir: Path, data_description: str,
                   info: DistInfo = DistInfo(), device: torch.device | None = None,
                   checkpoint: dict | None = None, meta_config: dict | None = None,
-                  progress: Progress | None = None) -> Trainer:
+                  progress: Progress | None = None, objective: Callable | None = None,
+                  trainable: Callable[[str], bool] | None = None) -> Trainer:
     """Seed, build the model (identical init on every rank: seeded with ``cfg.seed``), apply
     DDP/compile, build the optimizer, and restore ``checkpoint`` (a ``read_checkpoint`` payload
-    already checked with ``check_compatible``) when given."""
+    already checked with ``check_compatible``) when given. ``objective``: the loss (default
+    next-token cross-entropy); ``trainable(name)``: which parameters train (default all)."""
     device = device if device is not None else resolve_device(cfg.device, info)
     seed_everything(cfg.seed)
     model = model_factory()
+    if trainable is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
     seed_everything(cfg.seed + info.rank)  # per-rank randomness (dropout) from here on
     wrapped = apply_ddp(model, cfg, info, device)
     optimizer = build_optimizer(model, cfg)
@@ -185,6 +192,9 @@ def build_trainer(model_factory: Callable[[], nn.Module], cfg: TrainConfig, *, b
     if checkpoint is not None:
         state = restore(checkpoint, model, optimizer, device=device, info=info)
     evaluator = Evaluator(eval_set, device, info, autocast_factory(cfg.precision, device))
-    return Trainer(wrapped, optimizer, cfg, batches, evaluator, run_dir=run_dir, device=device, info=info,
-                   data_description=data_description, state=state, resumed=checkpoint is not None,
-                   meta_config=meta_config, progress=progress)
+    trainer = Trainer(wrapped, optimizer, cfg, batches, evaluator, run_dir=run_dir, device=device, info=info,
+                      data_description=data_description, state=state, resumed=checkpoint is not None,
+                      meta_config=meta_config, progress=progress)
+    if objective is not None:
+        trainer.objective = objective
+    return trainer

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.train.distributed import ParallelModel
+from attnlab.train.objectives import LanguageModeling, lm_loss  # noqa: F401 - lm_loss re-exported
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids (B, T), targets (B, T)), int64
 
@@ -23,11 +24,6 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the vocab, in float32. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 @dataclass
 class StepStats:
     loss: torch.Tensor       # () mean loss over this rank's micro-batches, detached
@@ -36,9 +32,11 @@ class StepStats:
 
 def train_step(model: ParallelModel, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch], *,
                lr: float, grad_clip: float | None,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepStats:
-    """Accumulate gradients over ``micro_batches`` (each loss scaled by 1/len; DDP syncs on the
-    last one only), clip to ``grad_clip`` (None: measure only), step at ``lr``, zero grads."""
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               objective: Callable = LanguageModeling()) -> StepStats:
+    """Accumulate gradients of ``objective`` over ``micro_batches`` (each loss scaled by 1/len;
+    DDP syncs on the last one only), clip to ``grad_clip`` (None: measure only), step at ``lr``,
+    zero grads."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     num_micro = len(micro_batches)
@@ -46,12 +44,11 @@ def train_step(model: ParallelModel, optimizer: torch.optim.Optimizer, micro_bat
     for i, (x, y) in enumerate(micro_batches):
         with model.sync_context(sync=i == num_micro - 1):
             with autocast():
-                logits = model.module(x)  # (B, T, V)
-            loss = lm_loss(logits, y) / num_micro
+                loss = objective(model.module, x, y) / num_micro
             loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     max_norm = grad_clip if grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.raw.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.raw.parameters() if p.requires_grad], max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=total, grad_norm=grad_norm.detach())
