@@ -60,8 +60,8 @@ def _by_run(table: Table, x: str, y: str, where=lambda row: True) -> dict[str, t
 def latency_vs_context(sweep: Table | None, latency: Table | None, path: Path) -> Path | None:
     panels = []
     if sweep is not None:
-        panels.append(("decode ms at context", _by_run(sweep, "context", "decode_ms", lambda r: r.get("ok")), "context (tokens)"))
-        panels.append(("prefill time (s)", _by_run(sweep, "context", "prefill_s", lambda r: r.get("ok")), "context (tokens)"))
+        panels.append(("decode ms at context", _by_run(sweep, "length", "decode_ms", lambda r: r.get("ok")), "context (tokens)"))
+        panels.append(("prefill time (s)", _by_run(sweep, "length", "prefill_s", lambda r: r.get("ok")), "context (tokens)"))
     if latency is not None:
         panels.append(("decode ms/token", _by_run(latency, "prompt_len", "decode_ms_per_token"), "prompt length (tokens)"))
     panels = [p for p in panels if p[1]]

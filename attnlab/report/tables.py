@@ -14,12 +14,13 @@ from attnlab.report.collect import RunData
 DISPLAY_COLUMNS = {
     "perplexity": ["run", "policy", "bytes_per_token", "allocated_per_token", "nll", "ppl", "delta_nll"],
     "latency": ["run", "policy", "prompt_len", "gen_len", "prefill_tokens_per_s", "decode_ms_per_token",
-                "decode_ms_p10", "decode_ms_p90"],
-    "memory": ["run", "context", "config", "policy", "estimate_bytes", "measured_bytes", "peak_device_bytes",
-               "end_to_end_ratio"],
-    "context_sweep": ["run", "context", "ok", "prefill_s", "last_chunk_loss", "decode_ms", "error"],
+                "decode_p10_ms_per_token", "decode_p90_ms_per_token"],
+    "memory": ["run", "context", "config", "policy", "bytes_per_token", "estimate_bytes", "measured_bytes",
+               "peak_device_bytes", "ratio_end_to_end"],
+    "context_sweep": ["run", "length", "ok", "prefill_s", "last_chunk_loss", "decode_ms", "error"],
     "downstream": ["run", "task", "n", "acc", "acc_norm", "ppl"],
-    "quality": ["run", "reference", "policy", "top1_agreement", "topk_overlap", "kl", "greedy_agreement"],
+    "quality": ["run", "reference", "policy", "top1_agreement", "topk_overlap", "kl_nats_per_token",
+                "greedy_agreement"],
 }
 
 

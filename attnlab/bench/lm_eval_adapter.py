@@ -1,0 +1,220 @@
+"""An lm-evaluation-harness model wrapping an attnlab model and tokenizer.
+
+``lm_eval`` is optional (``pip install attnlab[eval]``) and imported only when the adapter class
+is first used, so ``import attnlab`` works without it::
+
+    from attnlab.bench.lm_eval_adapter import AttnlabLM
+    import lm_eval
+    lm = AttnlabLM(model, tokenizer, cache_policy="k_sem=q4_0,k_geo=q8_0,v=q4_0")
+    results = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
+
+The harness API (``lm_eval.api.model.LM``): each request is an ``Instance`` whose ``args`` are
+
+- ``loglikelihood``: ``(context, continuation)`` -> ``(logprob, is_greedy)``;
+- ``loglikelihood_rolling``: ``(text,)`` -> the text's total log-likelihood, scored in disjoint
+  rolling windows of ``max_length`` tokens conditioned on the prefix token (end-of-text);
+- ``generate_until``: ``(context, gen_kwargs)`` with ``until`` (stop strings; end-of-text is
+  added), ``max_gen_toks`` (or its aliases) -> the greedy continuation cut before the first stop
+  string.
+
+Log-likelihoods use full forwards (as ``bench.downstream`` does); generation decodes through a
+cache under ``cache_policy``, so it measures the effect of a quantized KV cache. Sampling
+arguments (``do_sample``, ``temperature``) are ignored: generation is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnlab.bench.downstream import encode_pair, score_requests
+from attnlab.bench.latency import chunked_prefill, greedy_next
+from attnlab.cache import CachePolicy, ModelCache
+from attnlab.errors import AttnlabError
+
+DEFAULT_MAX_GEN_TOKS = 256
+#: generation-length keys of ``gen_kwargs``, by the harness's priority
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, continuation) windows that predict every token of ``tokens`` exactly
+    once, each prediction with as much context as ``max_len`` allows (lm-evaluation-harness's
+    ``get_rolling_token_windows(context_len=1)`` + ``make_disjoint_window``)."""
+    out: list[tuple[list[int], list[int]]] = []
+    if not tokens:
+        return out
+    first = min(max_len, len(tokens))
+    out.append(([prefix_id], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        end = min(len(tokens), done + max_len)
+        inputs = tokens[end - max_len - 1: end - 1]  # end > max_len: a full window of context
+        preds = tokens[done:end]
+        out.append((inputs[: len(inputs) - (len(preds) - 1)], preds))
+        done = end
+    return out
+
+
+class AttnlabLMCore:
+    """The adapter's logic without the ``lm_eval`` base class (usable and testable without it).
+
+    ``max_length``: context tokens one request may use (default and maximum ``block_size``);
+    ``prefix_token_id``: conditions empty contexts and rolling windows (default: the tokenizer's
+    end-of-text id, else 0)."""
+
+    def __init__(self, model, tokenizer, *, cache_policy: CachePolicy | str | dict | None = None,
+                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 prefix_token_id: int | None = None, batch_size: int = 1):
+        super().__init__()
+        if tokenizer is None:
+            raise AttnlabError("the lm-eval adapter needs a tokenizer")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cache_policy = CachePolicy.parse(cache_policy)
+        block = model.config.block_size
+        self._max_length = block if max_length is None else min(int(max_length), block)
+        self._max_gen_toks = int(max_gen_toks)
+        eot = getattr(tokenizer, "eot_id", None)
+        self._prefix = prefix_token_id if prefix_token_id is not None else (eot if eot is not None else 0)
+        self._batch_size = batch_size
+
+    # ------------------------------------------------------------ properties the harness reads
+    @property
+    def eot_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "eot_id", None)
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._prefix
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name", type(self.tokenizer).__name__))
+
+    def tok_encode(self, string: str, **kwargs) -> list[int]:
+        return list(self.tokenizer.encode(string))
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    def _cache_partial(self, method: str, args: tuple, result: Any) -> None:
+        hook = getattr(self, "cache_hook", None)
+        if hook is not None:
+            hook.add_partial(method, args, result)
+
+    # ------------------------------------------------------------ requests
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(sum of log-probs of the continuation tokens, whether greedy decoding reproduces them)
+        per ``(context, continuation)``; contexts are cut from the left to fit ``max_length``."""
+        args = [tuple(r.args) for r in requests]
+        pairs = []
+        for context, continuation in args:
+            ctx_ids, cont_ids = encode_pair(self.tokenizer, context, continuation, self._prefix)
+            pairs.append((ctx_ids[-self._max_length:], cont_ids))
+        out = []
+        for a, score in zip(args, self._score(pairs)):
+            result = (score.logprob, score.is_greedy)
+            self._cache_partial("loglikelihood", a, result)
+            out.append(result)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each text, every token predicted once (rolling windows)."""
+        out = []
+        for request in requests:
+            (text,) = tuple(request.args)[:1]
+            windows = rolling_windows(self.tok_encode(text), self._prefix, self._max_length)
+            total = sum(s.logprob for s in self._score(windows)) if windows else 0.0
+            self._cache_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each context, stopped at the first stop string (cut before it)
+        or after ``max_gen_toks`` tokens."""
+        out = []
+        for request in requests:
+            context, gen_kwargs = tuple(request.args)[:2]
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            if self.eot_token_id is not None:
+                eos = self.tok_decode([self.eot_token_id])
+                until = until + ([eos] if eos not in until else [])
+            max_new = next((int(kwargs[k]) for k in MAX_TOKEN_KEYS if kwargs.get(k) is not None), self._max_gen_toks)
+            text = self._generate(self.tok_encode(context) or [self._prefix], until, max_new)
+            self._cache_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+    # ------------------------------------------------------------ internals
+    def _score(self, pairs):
+        return score_requests(self.model, pairs)
+
+    def _generate(self, ids: list[int], until: list[str], max_new: int) -> str:
+        """Prompt = the last ``max_length`` tokens; decoding continues through the cache (RoPE
+        positions extrapolate past block_size)."""
+        if max_new <= 0:
+            return ""
+        model, device = self.model, self.device
+        cache = ModelCache.for_model(model, self.cache_policy, batch=1)
+        prompt = torch.tensor([ids[-self._max_length:]], device=device)
+        token = greedy_next(chunked_prefill(model, cache, prompt))
+        new: list[int] = []
+        stop_id = self.eot_token_id
+        while True:
+            t = int(token)
+            if stop_id is not None and t == stop_id:
+                break
+            new.append(t)
+            text = self.tok_decode(new)
+            if any(s and s in text for s in until) or len(new) >= max_new:
+                break
+            token = greedy_next(model(token, cache=cache))
+        text = self.tok_decode(new)
+        for stop in until:
+            if stop:
+                text = text.split(stop)[0]
+        return text
+
+
+_CLASS = None
+
+
+def lm_eval_class() -> type:
+    """``AttnlabLM``: ``AttnlabLMCore`` as a subclass of ``lm_eval.api.model.LM`` (imports
+    lm_eval on first use)."""
+    global _CLASS
+    if _CLASS is None:
+        try:
+            from lm_eval.api.model import LM
+        except ImportError as err:
+            raise AttnlabError(f"the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval "
+                               f"(or attnlab[eval]) ({err})") from None
+        _CLASS = type("AttnlabLM", (AttnlabLMCore, LM), {"__module__": __name__, "__doc__": AttnlabLMCore.__doc__})
+    return _CLASS
+
+
+def __getattr__(name: str):
+    if name == "AttnlabLM":
+        return lm_eval_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
