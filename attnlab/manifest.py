@@ -32,6 +32,8 @@ from attnlab.config.model import ModelConfig
 from attnlab.config.attention import attention_dims
 from attnlab.config.bench import validate_benchmarks
 from attnlab.config.cache import CacheConfig
+from attnlab.config.upcycle import DistillConfig, SurgeryConfig
+from attnlab.config.verify import VerifyConfig
 from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
 
@@ -51,12 +53,18 @@ class ResolvedRun:
     group: str
     run_id: str
     description: str
-    model: ModelConfig
+    model: ModelConfig          # for import/upcycle: derived from the teacher (shapes; weights decide the rest)
     data: DataConfig
-    train: TrainConfig
+    train: TrainConfig | None   # None for modes that do not train (import, upcycle)
     cache: CacheConfig
     run_dir: Path  # <out_dir>/<name>/<group>/<run_id>
-    resolved: dict  # {"model": ..., "data": ..., "train": ...}: JSON-able, validated
+    resolved: dict  # {"model": ..., "data": ..., "train": ..., "cache": ..., "run": {mode, ...}}: JSON-able
+    mode: str = "train"
+    teacher: str | None = None      # a model source path, or "run:<id>" of an earlier run in the group
+    init_from: str | None = None
+    surgery: SurgeryConfig | None = None
+    distill: DistillConfig | None = None
+    verify: VerifyConfig | None = None
 
     @property
     def key(self) -> str:
@@ -468,22 +476,94 @@ def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> No
                               f"(its fields: {', '.join(sorted(have))})", getattr(cache, name))
 
 
+def _source_config(ref: str, where: str, earlier: dict[str, ModelConfig]) -> ModelConfig:
+    """Model config of ``run:<id>`` (an earlier run of the group) or of a source path."""
+    if ref.startswith("run:"):
+        run_id = ref[4:]
+        if run_id not in earlier:
+            raise ConfigError(where, f"refers to run {run_id!r}, which is not an earlier run of this group "
+                              f"(earlier: {', '.join(earlier) or 'none'})", ref)
+        return earlier[run_id]
+    from attnlab.convert.sources import source_model_config
+
+    return source_model_config(ref, where)
+
+
+def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConfig]):
+    """(model config, train config | None, surgery, distill) for the run's mode."""
+    mode = run.mode
+    needs = {"import": ("teacher",), "upcycle": ("teacher", "surgery"), "blockwise": ("teacher", "init_from"),
+             "finetune": ("teacher", "init_from"), "train": ()}[mode]
+    for key in needs:
+        if getattr(run, key) is None:
+            raise ConfigError(f"{prefix}.{key}", f"mode {mode!r} needs '{key}'", show_value=False)
+    for key in ("teacher", "init_from", "surgery"):
+        if key not in needs and getattr(run, key) is not None and not (key == "teacher" and mode == "train"):
+            raise ConfigError(f"{prefix}.{key}", f"mode {mode!r} takes no '{key}'", getattr(run, key))
+    surgery = validate_section(SurgeryConfig, run.surgery, f"{prefix}.surgery") if run.surgery is not None else None
+    distill = validate_section(DistillConfig, run.distill, f"{prefix}.distill")
+    if mode == "train":
+        model = validate_section(ModelConfig, sections["model"], f"{prefix}.model")
+    else:
+        if sections["model"]:
+            raise ConfigError(f"{prefix}.model", f"mode {mode!r} derives the model from its "
+                              f"{'init_from' if mode in ('blockwise', 'finetune') else 'teacher'}; remove 'model'",
+                              show_value=False)
+        if mode in ("blockwise", "finetune"):
+            model = _source_config(run.init_from, f"{prefix}.init_from", earlier)
+        else:
+            model = _source_config(run.teacher, f"{prefix}.teacher", earlier)
+        if mode == "upcycle":
+            model = _student_config(model, surgery, f"{prefix}.surgery")
+    train = None
+    if mode in ("train", "blockwise", "finetune"):
+        train = validate_section(TrainConfig, sections["train"], f"{prefix}.train")
+    return model, train, surgery, distill
+
+
+def _student_config(teacher: ModelConfig, surgery: SurgeryConfig, where: str) -> ModelConfig:
+    """The upcycled student's shape; refuses a plan whose KV cache would not shrink."""
+    from attnlab.convert.surgery import student_config
+    from attnlab.model.stats import kv_bytes_per_token_layer
+
+    student = student_config(teacher, surgery.plan())
+    for i, (t, s) in enumerate(zip(teacher.attention_specs(), student.attention_specs())):
+        t_bytes = kv_bytes_per_token_layer(attention_dims(t, teacher.d_model), "fp16")
+        s_bytes = kv_bytes_per_token_layer(attention_dims(s, student.d_model), "fp16")
+        if s_bytes >= t_bytes:
+            raise ConfigError(where, f"layer {i}: the student's KV cache ({s_bytes} B/token fp16) would not be "
+                              f"smaller than the teacher's ({t_bytes}); lower sem_head_dim/geo_pairs/v_rank",
+                              show_value=False)
+    return student
+
+
 def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path) -> list[ResolvedRun]:
     group = spec.groups[gi]
     out = []
+    earlier: dict[str, ModelConfig] = {}
     for ri, run in enumerate(group.runs):
         prefix = f"groups[{gi}]({group.name}).runs[{ri}]({run.id})"
         sections = {s: deep_merge(getattr(spec, s), getattr(run, s)) for s in SECTIONS}
         sections = _apply_parsed(sections, post)
-        model = validate_section(ModelConfig, sections["model"], f"{prefix}.model")
+        model, train, surgery, distill = _resolve_mode(run, sections, prefix, earlier)
         data = validate_section(DataConfig, sections["data"], f"{prefix}.data")
-        train = validate_section(TrainConfig, sections["train"], f"{prefix}.train")
+        if data.source == "teacher" and run.teacher is None:
+            raise ConfigError(f"{prefix}.data.source", "'teacher' samples need the run's 'teacher'", "teacher")
         cache = validate_section(CacheConfig, sections["cache"], f"{prefix}.cache")
         _check_cache_fields(cache, model, f"{prefix}.cache")
-        resolved = {s: cfg.model_dump(mode="json") for s, cfg in zip(SECTIONS, (model, data, train, cache))}
+        verify = validate_section(VerifyConfig, run.verify, f"{prefix}.verify") if run.verify is not None else None
+        resolved = {s: (cfg.model_dump(mode="json") if cfg is not None else None)
+                    for s, cfg in zip(SECTIONS, (model, data, train, cache))}
+        resolved["run"] = {"mode": run.mode, "teacher": run.teacher, "init_from": run.init_from,
+                           "surgery": surgery.model_dump(mode="json") if surgery else None,
+                           "distill": distill.model_dump(mode="json"),
+                           "verify": verify.model_dump(mode="json") if verify else None}
+        earlier[run.id] = model
         out.append(ResolvedRun(
             name=spec.name, group=group.name, run_id=run.id, description=run.description,
             model=model, data=data, train=train, cache=cache,
             run_dir=out_root / spec.name / group.name / run.id, resolved=resolved,
+            mode=run.mode, teacher=run.teacher, init_from=run.init_from, surgery=surgery,
+            distill=distill, verify=verify,
         ))
     return out

@@ -296,7 +296,10 @@ def test_unknown_top_level_key():
     (lambda d: d["model"].pop("vocab_size"), "groups[0](g).runs[0](r).model.vocab_size: required key is missing"),
     (lambda d: d["train"].pop("steps"), "groups[0](g).runs[0](r).train.steps: required key is missing"),
     (lambda d: d["model"]["attention"].update(nmu_heads=2), "model.attention.nmu_heads: unknown key (got 2)"),
-    (lambda d: d["groups"][0]["runs"][0].update(mode="train"), "groups[0](g).runs[0](r).mode: unknown key (got 'train')"),
+    (lambda d: d["groups"][0]["runs"][0].update(mode="teleport"), "groups[0](g).runs[0](r).mode: Input should be 'train'"),
+    (lambda d: d["groups"][0]["runs"][0].update(mode="upcycle"), "groups[0](g).runs[0](r).teacher: mode 'upcycle' needs 'teacher'"),
+    (lambda d: d["groups"][0]["runs"][0].update(mode="finetune", teacher="run:x", init_from="run:x"),
+     "groups[0](g).runs[0](r).model: mode 'finetune' derives the model"),
     (lambda d: d["groups"][0].update(benchmarks=[{"type": "latency", "repeats": 0}]),
      "groups[0](g).benchmarks[0].repeats: Input should be greater than 0 (got 0)"),
     (lambda d: d["groups"][0].update(benchmarks=[{"type": "warp"}]), "groups[0](g).benchmarks[0]: Input tag 'warp'"),
@@ -377,7 +380,7 @@ def test_resolved_round_trips_through_json():
     p = load_plan(FIXTURES / "compare.yml", overrides=["train.lr=1e-3"])
     for run in p.runs:
         again = json.loads(json.dumps(run.resolved))
-        assert again == run.resolved and set(again) == {"model", "data", "train", "cache"}
+        assert again == run.resolved and set(again) == {"model", "data", "train", "cache", "run"}
         assert validate_section(ModelConfig, again["model"], "m") == run.model
         assert validate_section(DataConfig, again["data"], "d") == run.data
         assert validate_section(TrainConfig, again["train"], "t") == run.train
@@ -411,12 +414,14 @@ def _doc_text() -> str:
 
 
 def test_docs_mention_every_config_field():
-    from attnlab.config import attention, cache, data, manifest as mcfg, model, train
+    from attnlab.config import attention, cache, data, manifest as mcfg, model, train, upcycle, verify
     classes = [attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
                attention.DecoupledAttentionConfig, attention.RopeConfig, attention.Llama3RopeScaling,
                model.ModelConfig, model.MLPConfig, model.LayerOverride, model.BlockNode, model.AttentionNode,
                model.MLPNode, model.NormNode, model.SequentialNode, model.ResidualNode, model.ParallelNode,
                model.RepeatNode, data.DataConfig, data.TokenizerConfig, train.TrainConfig, cache.CacheConfig,
+               upcycle.SurgeryConfig, upcycle.DistillConfig, upcycle.TeacherSamples, verify.VerifyConfig,
+               verify.VerifyCase, verify.Thresholds,
                mcfg.ManifestSpec, mcfg.GroupSpec, mcfg.RunSpec, mcfg.ManifestDefaults]
     text = _doc_text()
     missing = [f"{c.__name__}.{f}" for c in classes for f in c.model_fields if f"`{f}`" not in text]

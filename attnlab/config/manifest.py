@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator
 
+from attnlab.config.upcycle import RunMode
 from attnlab.config.base import StrictModel, validate_section
 from attnlab.errors import ConfigError
 
@@ -57,8 +58,14 @@ class RunSpec(StrictModel):
     data: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     cache: dict[str, Any] = Field(default_factory=dict)
+    mode: RunMode = "train"
+    teacher: str | None = Field(None, description="model source or run:<id>: the model imported, upcycled or distilled from")
+    init_from: str | None = Field(None, description="blockwise/finetune: the student's starting weights (run:<id> or a source)")
+    surgery: dict[str, Any] | None = None
+    distill: dict[str, Any] = Field(default_factory=dict)
+    verify: dict[str, Any] | None = None
 
-    _sections_none = field_validator("model", "data", "train", "cache", mode="before")(_none_is_empty)
+    _sections_none = field_validator("model", "data", "train", "cache", "distill", mode="before")(_none_is_empty)
 
 
 class GroupSpec(StrictModel):

@@ -1,0 +1,13 @@
+"""Checkpoint interop: Hugging Face Llama folders (import/export) and llama2.c ``.bin`` files."""
+
+from attnlab.convert.common import half_to_interleaved, interleaved_to_half
+from attnlab.convert.hf import (
+    export_hf_llama,
+    is_llama_family,
+    load_hf_llama,
+    read_hf_config,
+)
+from attnlab.convert.llama2c import load_llama2c
+
+__all__ = ["export_hf_llama", "half_to_interleaved", "interleaved_to_half", "is_llama_family",
+           "load_hf_llama", "load_llama2c", "read_hf_config"]
