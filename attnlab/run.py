@@ -91,22 +91,27 @@ def _archive_previous(run_dir: Path) -> None:
             os.replace(path, dest / path.name)
 
 
-def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo) -> dict | None:
+def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo, model_config=None) -> dict | None:
     path = Path(run.run_dir) / LAST
     if not path.is_file():
         return None
     ckpt = read_checkpoint(path)
-    check_compatible(ckpt, path, model_config=run.model.model_dump(mode="json"),
+    check_compatible(ckpt, path, model_config=(model_config or run.model).model_dump(mode="json"),
                      train_config=run.train.model_dump(mode="json"), data_description=data_description,
                      world_size=info.world_size)
     return ckpt
 
 
 def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
-                splits=None) -> RunResult:
+                splits=None, model_config=None, model_factory=None, objective=None, trainable=None) -> RunResult:
     """Train ``run`` in ``run.run_dir``, resuming from its ``last.pt`` when ``resume`` (a finished
-    run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse."""
+    run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse.
+    Distillation passes the student's real ``model_config``, a ``model_factory`` that loads its
+    starting weights, the ``objective`` and which parameters are ``trainable``."""
     from attnlab.model import build_model
+
+    model_config = model_config or run.model
+    model_factory = model_factory or (lambda: build_model(model_config))
 
     cfg, run_dir = run.train, Path(run.run_dir)
     device = resolve_device(cfg.device, dist_env())
@@ -115,7 +120,7 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
             run_dir.mkdir(parents=True, exist_ok=True)
         splits = splits if splits is not None else load_run_data(run, info)
         seq_len = _sequence_length(run, splits)
-        ckpt = _resume_checkpoint(run, splits.description, info) if resume else None
+        ckpt = _resume_checkpoint(run, splits.description, info, model_config) if resume else None
         if info.is_main:
             if ckpt is None:
                 _archive_previous(run_dir)
@@ -125,9 +130,10 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
         batches = TrainBatches(splits.train, cfg.batch_size, seq_len, cfg.seed,
                                rank=info.rank, world_size=info.world_size)
         eval_set = eval_batches(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)
-        trainer = build_trainer(lambda: build_model(run.model), cfg, batches=batches, eval_set=eval_set,
+        trainer = build_trainer(model_factory, cfg, batches=batches, eval_set=eval_set,
                                 run_dir=run_dir, data_description=splits.description, info=info,
-                                device=device, checkpoint=ckpt, meta_config=run.resolved)
+                                device=device, checkpoint=ckpt, meta_config=run.resolved,
+                                objective=objective, trainable=trainable)
         del ckpt
         state = trainer.train(stop_after=stop_after)
         barrier()
@@ -145,16 +151,24 @@ def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResu
     if not plan.runs:
         return []
     results: list[RunResult] = []
-    device = resolve_device(plan.runs[0].train.device, dist_env())
+    first_train = next((r.train for r in plan.runs if r.train is not None), None)
+    device = resolve_device(first_train.device if first_train else "auto", dist_env())
     loaded: dict[tuple, Any] = {}
     with distributed_session(device) as info:
         for i, run in enumerate(plan.runs):
             if info.is_main:
                 print(f"[{i + 1}/{len(plan.runs)}] run {run.run_id} -> {run.run_dir}", flush=True)
-            key = (run.data.model_dump_json(), run.model.vocab_size, str(_cache_dir(run)))
-            if key not in loaded:
-                loaded[key] = load_run_data(run, info)
-            results.append(execute_run(run, command, splits=loaded[key], **kwargs))
+            if run.mode != "train":
+                from attnlab.upcycling import execute_mode_run
+
+                results.append(execute_mode_run(run, command, info=info, **kwargs))
+            else:
+                key = (run.data.model_dump_json(), run.model.vocab_size, str(_cache_dir(run)))
+                if key not in loaded:
+                    loaded[key] = load_run_data(run, info)
+                results.append(execute_run(run, command, splits=loaded[key], **kwargs))
+            if run.train is not None and results[-1].steps < run.train.steps:
+                return results  # stopped early (stop_after): later runs may depend on this one
     if dist_env().rank == 0:
         for group in dict.fromkeys(run.group for run in plan.runs):
             benchmark_and_report(plan, group, command)

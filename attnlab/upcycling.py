@@ -1,0 +1,226 @@
+"""Runs that start from an existing model: ``import`` (copy a teacher in), ``upcycle`` (attention
+surgery standard -> DBA), ``blockwise`` and ``finetune`` (distillation from the teacher, through
+the regular trainer: checkpoints and exact resume), each optionally verified against the teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from attnlab.errors import AttnlabError
+from attnlab.provenance import write_provenance
+from attnlab.train.checkpoint import FORMAT, VERSION, save_checkpoint
+from attnlab.train.distributed import DistInfo, resolve_device
+from attnlab.train.evaluate import Evaluator, perplexity
+from attnlab.train.events import EventLog
+
+if TYPE_CHECKING:
+    from attnlab.manifest import ResolvedRun
+    from attnlab.run import RunResult
+
+
+def resolve_ref(ref: str, run: "ResolvedRun") -> Path:
+    """``run:<id>`` -> that run's folder in the same group; anything else is a path."""
+    if ref.startswith("run:"):
+        return Path(run.run_dir).parent / ref[4:]
+    return Path(ref)
+
+
+def source_fingerprint(ref: str, run: "ResolvedRun") -> str:
+    """Identifies the weights behind ``ref`` (file sizes and modification times), so a derived run
+    notices when its source was retrained or replaced."""
+    path = resolve_ref(ref, run)
+    if path.is_dir():
+        names = ["best.pt"] if (path / "best.pt").is_file() else sorted(p.name for p in path.iterdir() if p.is_file())
+        files = [path / n for n in names]
+    else:
+        files = [path]
+    parts = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_ref(ref: str, run: "ResolvedRun", device: torch.device):
+    from attnlab.api import load
+
+    path = resolve_ref(ref, run)
+    if ref.startswith("run:") and not any((path / n).is_file() for n in ("best.pt", "last.pt")):
+        raise AttnlabError(f"{run.key}: {ref} has no checkpoint yet; run that run first")
+    return load(path).to(device)
+
+
+# ---------------------------------------------------------------- data
+def teacher_samples_file(run: "ResolvedRun", teacher, cache_dir: Path) -> Path:
+    """Sample ``data.teacher_samples`` sequences from the teacher once; cached by content key."""
+    from attnlab.infer.generate import generate
+    from attnlab.infer.sampling import SamplingConfig
+
+    spec = run.data.teacher_samples
+    length = spec.length or teacher.config.block_size
+    source = resolve_ref(run.teacher, run)
+    weights = source / "best.pt" if source.is_dir() and (source / "best.pt").is_file() else source
+    stat = weights.stat() if weights.is_file() else None
+    key = json.dumps({"teacher": str(weights.resolve()), "size": stat.st_size if stat else None,
+                      "mtime": stat.st_mtime_ns if stat else None, **spec.model_dump(), "length": length},
+                     sort_keys=True)
+    path = cache_dir / f"teacher-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = generate(teacher, [[spec.bos_id]] * spec.sequences, length - 1,
+                   SamplingConfig(temperature=spec.temperature), seed=spec.seed)
+    tokens = np.concatenate([[spec.bos_id] + seq + [spec.bos_id] * (length - 1 - len(seq)) for seq in out.tokens])
+    dtype = np.uint16 if teacher.config.vocab_size <= 65536 else np.uint32
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, tokens.astype(dtype))
+    os.replace(tmp, path)
+    return path
+
+
+def run_splits(run: "ResolvedRun", teacher):
+    from attnlab.config.data import DataConfig
+    from attnlab.data import load_splits
+    from attnlab.run import data_cache_dir
+
+    data = run.data
+    cache_dir = data_cache_dir(data, run.run_dir)
+    if data.source == "teacher":
+        path = teacher_samples_file(run, teacher, cache_dir)
+        data = DataConfig.model_validate({**data.model_dump(exclude={"teacher_samples", "source"}, exclude_unset=True), "source": "tokens",
+                                          "path": str(path)})
+    return load_splits(data, run.model.vocab_size, cache_dir)
+
+
+def eval_set(splits, model, run: "ResolvedRun"):
+    from attnlab.data import eval_batches
+
+    seq_len = min(model.config.block_size, (run.train.seq_len if run.train and run.train.seq_len else model.config.block_size))
+    batch = run.train.batch_size if run.train else 8
+    batches = run.train.eval_batches if run.train else 8
+    return eval_batches(splits.val, batch, seq_len, batches)
+
+
+# ---------------------------------------------------------------- runs
+def _save_model(run_dir: Path, model, extra: dict) -> None:
+    payload = {"format": FORMAT, "version": VERSION, "step": 0, "model_config": model.config.model_dump(mode="json"),
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    for name in ("best.pt", "last.pt"):
+        save_checkpoint(run_dir / name, payload)
+
+
+def _result(run: "ResolvedRun", model, val_loss: float | None, steps: int = 0, tokens_per_s: float = 0.0) -> "RunResult":
+    from attnlab.run import RunResult
+
+    return RunResult(run_id=run.run_id, group=run.group, run_dir=Path(run.run_dir), params=model.num_parameters(),
+                     val_loss=val_loss, val_ppl=None if val_loss is None else perplexity(val_loss),
+                     train_tokens_per_s=tokens_per_s, steps=steps, best_val_loss=val_loss)
+
+
+def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool):
+    """import / upcycle: build the model, save it, evaluate it; a finished run is reloaded."""
+    from attnlab.api import load
+
+    from attnlab.run import _archive_previous
+    from attnlab.train.checkpoint import read_checkpoint
+
+    run_dir = Path(run.run_dir)
+    done = run_dir / "best.pt"
+    fingerprint = source_fingerprint(run.teacher, run)
+    if resume and done.is_file() and (run_dir / "train.jsonl").is_file():
+        previous = read_checkpoint(done, required=("format", "version", "model_config", "model"))
+        if previous.get("source_fingerprint") == fingerprint:
+            events = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
+            finished = [e for e in events if e.get("event") == "done"]
+            return load(done).to(device), (finished[-1]["val_loss"] if finished else None)
+        print(f"{run.key}: its teacher changed since this run; redoing it", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _archive_previous(run_dir)
+    write_provenance(run_dir, command, run.resolved)
+    log = EventLog(run_dir / "train.jsonl")
+    extra: dict = {"source": run.teacher, "source_fingerprint": fingerprint}
+    if run.mode == "import":
+        model = teacher
+    else:
+        from attnlab.convert.surgery import upcycle
+        from attnlab.data import TrainBatches
+
+        calibration = None
+        if run.surgery.calibration_batches:
+            sampler = TrainBatches(splits.train, 4, teacher.config.block_size, seed=0)
+            calibration = torch.cat([sampler.get(i, 0)[0] for i in range(run.surgery.calibration_batches)]).to(device)
+        model, report = upcycle(teacher, run.surgery.plan(), calibration)
+        (run_dir / "surgery.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        print(report.summary(), flush=True)
+    log.write("meta", config=run.resolved, params=model.num_parameters(), mode=run.mode, source=run.teacher)
+    result = Evaluator(eval_set(splits, model, run), device)(model)
+    log.write("eval", step=0, val_loss=result.loss, val_ppl=result.ppl)
+    _save_model(run_dir, model, extra)
+    log.write("done", step=0, best_val_loss=result.loss, val_loss=result.loss, train_tokens_per_s=None, wall_time_s=None)
+    print(f"{run.key}: {run.mode} done | held-out loss {result.loss:.4f} | ppl {result.ppl:.2f}", flush=True)
+    return model, result.loss
+
+
+def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, stop_after):
+    from attnlab.model import build_model
+    from attnlab.run import execute_run
+    from attnlab.train.objectives import BlockwiseDistillation, GlobalDistillation
+
+    start = load_ref(run.init_from, run, torch.device("cpu"))
+    state = {k: v.clone() for k, v in start.state_dict().items()}
+
+    def factory():
+        model = build_model(start.config)
+        model.load_state_dict(state)
+        return model
+
+    # a resume must continue from the same starting weights and teacher: fold their fingerprints
+    # into the data description that checkpoints are checked against
+    sources = f"init {source_fingerprint(run.init_from, run)}, teacher {source_fingerprint(run.teacher, run)}"
+    splits = dataclasses.replace(splits, description=f"{splits.description} | {sources}")
+    if run.mode == "blockwise":
+        objective, trainable = BlockwiseDistillation(teacher), (lambda name: ".attention." in name)
+    else:
+        d = run.distill
+        objective = GlobalDistillation(teacher, ce_weight=d.ce_weight, kl_weight=d.kl_weight, temperature=d.temperature)
+        trainable = None
+    result = execute_run(run, command, resume=resume, stop_after=stop_after, splits=splits,
+                         model_config=start.config, model_factory=factory, objective=objective, trainable=trainable)
+    from attnlab.api import load
+
+    return load(Path(run.run_dir)).to(device), result
+
+
+def execute_mode_run(run: "ResolvedRun", command: str = "", *, info: DistInfo = DistInfo(), resume: bool = True,
+                     stop_after: int | None = None, **_) -> "RunResult":
+    if info.world_size > 1:
+        raise AttnlabError(f"{run.key}: mode {run.mode!r} runs in one process; start it without torchrun")
+    device = resolve_device(run.train.device if run.train else "auto", info)
+    teacher = load_ref(run.teacher, run, device).eval()
+    splits = run_splits(run, teacher)
+    if run.mode in ("import", "upcycle"):
+        model, val_loss = _convert(run, command, teacher, splits, device, resume)
+        result = _result(run, model, val_loss)
+    else:
+        model, result = _distill(run, command, teacher, splits, device, resume, stop_after)
+    if run.verify is not None:
+        from attnlab.api import run_tokenizer
+        from attnlab.data import build_tokenizer
+        from attnlab.verify import verify_and_record
+
+        cfg = run.verify
+        seq_len = min(cfg.seq_len or model.config.block_size, model.config.block_size)
+        from attnlab.data import eval_batches
+
+        batches = torch.stack([x for x, _ in eval_batches(splits.val, cfg.batch_size, seq_len, cfg.batches)]).to(device)
+        tok_cfg = run_tokenizer(run.run_dir)
+        tokenizer = build_tokenizer(tok_cfg) if tok_cfg is not None and run.data.source != "teacher" else None
+        outcome = verify_and_record(model.eval(), teacher, cfg, batches, Path(run.run_dir), tokenizer)
+        print(f"{run.key}: verified (logits KL {outcome.logits['kl']:.4g}, attention max |diff| "
+              f"{outcome.attention['max_abs']:.4g})", flush=True)
+    return result
