@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from attnlab.config.base import validate_section
 from attnlab.config.data import TokenizerConfig
 from attnlab.config.model import ModelConfig
@@ -91,17 +93,24 @@ def run_cache_policy(path: str | Path) -> str | None:
     return validate_section(CacheConfig, section, "cache").policy_text() or None
 
 
-def run_heldout_tokens(path: str | Path):
-    """The held-out split a run was evaluated on (from its ``resolved_config.json``)."""
+def run_heldout_tokens(path: str | Path, *, with_align: bool = False):
+    """The held-out split a run was evaluated on (from its ``resolved_config.json``; for data
+    sampled from a teacher, from the token file the run recorded in ``heldout.json``). With
+    ``with_align``: ``(tokens, align)`` where align > 1 means fixed-length documents."""
     from attnlab.config.data import DataConfig
     from attnlab.data import load_splits
     from attnlab.run import data_cache_dir
 
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
-    resolved = run_dir / "resolved_config.json"
-    if not resolved.is_file():
-        raise AttnlabError(f"{run_dir}: no resolved_config.json, so the run's data is unknown; pass --data")
-    cfg = json.loads(resolved.read_text())
+    cfg = _resolved_config(run_dir)
+    if cfg is None:
+        raise AttnlabError(f"{run_dir}: no resolved_config.json, so the run's data is unknown")
+    pointer = run_dir / "heldout.json"
+    if pointer.is_file():  # recorded by runs whose data was prepared at run time
+        info = json.loads(pointer.read_text())
+        tokens = np.load(info["path"], mmap_mode="r")[info["val_start"]:]
+        return (tokens, info["align"]) if with_align else tokens
     data = validate_section(DataConfig, cfg["data"], "data")
-    return load_splits(data, cfg["model"]["vocab_size"], data_cache_dir(data, run_dir)).val
+    tokens = load_splits(data, cfg["model"]["vocab_size"], data_cache_dir(data, run_dir)).val
+    return (tokens, 1) if with_align else tokens

@@ -103,7 +103,8 @@ def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo
 
 
 def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
-                splits=None, model_config=None, model_factory=None, objective=None, trainable=None) -> RunResult:
+                splits=None, model_config=None, model_factory=None, objective=None, trainable=None,
+                align: int = 1) -> RunResult:
     """Train ``run`` in ``run.run_dir``, resuming from its ``last.pt`` when ``resume`` (a finished
     run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse.
     Distillation passes the student's real ``model_config``, a ``model_factory`` that loads its
@@ -128,8 +129,8 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
         barrier()
         _, TrainBatches, eval_batches = _data_api()
         batches = TrainBatches(splits.train, cfg.batch_size, seq_len, cfg.seed,
-                               rank=info.rank, world_size=info.world_size)
-        eval_set = eval_batches(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)
+                               rank=info.rank, world_size=info.world_size, align=align)
+        eval_set = eval_batches(splits.val, cfg.batch_size, seq_len, cfg.eval_batches, align=align)
         trainer = build_trainer(model_factory, cfg, batches=batches, eval_set=eval_set,
                                 run_dir=run_dir, data_description=splits.description, info=info,
                                 device=device, checkpoint=ckpt, meta_config=run.resolved,

@@ -84,26 +84,37 @@ def teacher_samples_file(run: "ResolvedRun", teacher, cache_dir: Path) -> Path:
 
 
 def run_splits(run: "ResolvedRun", teacher):
+    """(splits, align): teacher samples are fixed-length documents, so windows start at document
+    starts (``align``) and the held-out split starts at the first document boundary in it."""
     from attnlab.config.data import DataConfig
     from attnlab.data import load_splits
     from attnlab.run import data_cache_dir
 
     data = run.data
     cache_dir = data_cache_dir(data, run.run_dir)
-    if data.source == "teacher":
-        path = teacher_samples_file(run, teacher, cache_dir)
-        data = DataConfig.model_validate({**data.model_dump(exclude={"teacher_samples", "source"}, exclude_unset=True), "source": "tokens",
-                                          "path": str(path)})
-    return load_splits(data, run.model.vocab_size, cache_dir)
+    if data.source != "teacher":
+        return load_splits(data, run.model.vocab_size, cache_dir), 1
+    path = teacher_samples_file(run, teacher, cache_dir)
+    align = data.teacher_samples.length or teacher.config.block_size
+    data = DataConfig.model_validate({**data.model_dump(exclude={"teacher_samples", "source"}, exclude_unset=True),
+                                      "source": "tokens", "path": str(path)})
+    splits = load_splits(data, run.model.vocab_size, cache_dir)
+    first = (-len(splits.train)) % align  # the val split's first document start
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run.run_dir) / "heldout.json").write_text(json.dumps(
+        {"path": str(path.resolve()), "val_start": len(splits.train) + first, "align": align}))
+    return dataclasses.replace(splits, val=splits.val[first:]), align
 
 
-def eval_set(splits, model, run: "ResolvedRun"):
+def eval_set(splits, model, run: "ResolvedRun", align: int = 1):
     from attnlab.data import eval_batches
 
     seq_len = min(model.config.block_size, (run.train.seq_len if run.train and run.train.seq_len else model.config.block_size))
+    if align > 1:
+        seq_len = min(seq_len, align - 1)  # one document per window
     batch = run.train.batch_size if run.train else 8
     batches = run.train.eval_batches if run.train else 8
-    return eval_batches(splits.val, batch, seq_len, batches)
+    return eval_batches(splits.val, batch, seq_len, batches, align=align)
 
 
 # ---------------------------------------------------------------- runs
@@ -122,7 +133,7 @@ def _result(run: "ResolvedRun", model, val_loss: float | None, steps: int = 0, t
                      train_tokens_per_s=tokens_per_s, steps=steps, best_val_loss=val_loss)
 
 
-def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool):
+def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, align: int):
     """import / upcycle: build the model, save it, evaluate it; a finished run is reloaded."""
     from attnlab.api import load
 
@@ -152,13 +163,14 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
 
         calibration = None
         if run.surgery.calibration_batches:
-            sampler = TrainBatches(splits.train, 4, teacher.config.block_size, seed=0)
+            length = teacher.config.block_size if align == 1 else min(teacher.config.block_size, align - 1)
+            sampler = TrainBatches(splits.train, 4, length, seed=0, align=align)
             calibration = torch.cat([sampler.get(i, 0)[0] for i in range(run.surgery.calibration_batches)]).to(device)
         model, report = upcycle(teacher, run.surgery.plan(), calibration)
         (run_dir / "surgery.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         print(report.summary(), flush=True)
     log.write("meta", config=run.resolved, params=model.num_parameters(), mode=run.mode, source=run.teacher)
-    result = Evaluator(eval_set(splits, model, run), device)(model)
+    result = Evaluator(eval_set(splits, model, run, align), device)(model)
     log.write("eval", step=0, val_loss=result.loss, val_ppl=result.ppl)
     _save_model(run_dir, model, extra)
     log.write("done", step=0, best_val_loss=result.loss, val_loss=result.loss, train_tokens_per_s=None, wall_time_s=None)
@@ -166,7 +178,7 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
     return model, result.loss
 
 
-def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, stop_after):
+def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, stop_after, align: int):
     from attnlab.model import build_model
     from attnlab.run import execute_run
     from attnlab.train.objectives import BlockwiseDistillation, GlobalDistillation
@@ -190,7 +202,8 @@ def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
         objective = GlobalDistillation(teacher, ce_weight=d.ce_weight, kl_weight=d.kl_weight, temperature=d.temperature)
         trainable = None
     result = execute_run(run, command, resume=resume, stop_after=stop_after, splits=splits,
-                         model_config=start.config, model_factory=factory, objective=objective, trainable=trainable)
+                         model_config=start.config, model_factory=factory, objective=objective, trainable=trainable,
+                         align=align)
     from attnlab.api import load
 
     return load(Path(run.run_dir)).to(device), result
@@ -202,12 +215,12 @@ def execute_mode_run(run: "ResolvedRun", command: str = "", *, info: DistInfo = 
         raise AttnlabError(f"{run.key}: mode {run.mode!r} runs in one process; start it without torchrun")
     device = resolve_device(run.train.device if run.train else "auto", info)
     teacher = load_ref(run.teacher, run, device).eval()
-    splits = run_splits(run, teacher)
+    splits, align = run_splits(run, teacher)
     if run.mode in ("import", "upcycle"):
-        model, val_loss = _convert(run, command, teacher, splits, device, resume)
+        model, val_loss = _convert(run, command, teacher, splits, device, resume, align)
         result = _result(run, model, val_loss)
     else:
-        model, result = _distill(run, command, teacher, splits, device, resume, stop_after)
+        model, result = _distill(run, command, teacher, splits, device, resume, stop_after, align)
     if run.verify is not None:
         from attnlab.api import run_tokenizer
         from attnlab.data import build_tokenizer
@@ -217,7 +230,9 @@ def execute_mode_run(run: "ResolvedRun", command: str = "", *, info: DistInfo = 
         seq_len = min(cfg.seq_len or model.config.block_size, model.config.block_size)
         from attnlab.data import eval_batches
 
-        batches = torch.stack([x for x, _ in eval_batches(splits.val, cfg.batch_size, seq_len, cfg.batches)]).to(device)
+        if align > 1:
+            seq_len = min(seq_len, align - 1)
+        batches = torch.stack([x for x, _ in eval_batches(splits.val, cfg.batch_size, seq_len, cfg.batches, align)]).to(device)
         tok_cfg = run_tokenizer(run.run_dir)
         tokenizer = build_tokenizer(tok_cfg) if tok_cfg is not None and run.data.source != "teacher" else None
         outcome = verify_and_record(model.eval(), teacher, cfg, batches, Path(run.run_dir), tokenizer)

@@ -30,6 +30,7 @@ class BenchContext:
     tokenizer: Any = None
     cache_policy: str | None = None
     load_reference: Callable[[str], Any] | None = None
+    align: int = 1   # >1: held-out tokens are documents of this length (windows start at their starts)
 
 
 @dataclass

@@ -25,13 +25,18 @@ class NLLResult:
         return math.exp(self.nll)
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int) -> torch.Tensor:
-    """(N, seq_len + 1) evenly spaced windows over a 1-D token array (deterministic)."""
+def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int, align: int = 1) -> torch.Tensor:
+    """(N, seq_len + 1) evenly spaced windows over a 1-D token array (deterministic); with
+    ``align`` > 1 (fixed-length documents) each starts at a document start."""
+    if align > 1:
+        seq_len = min(seq_len, align - 1)
     span = seq_len + 1
     if len(tokens) < span:
         raise ValueError(f"{len(tokens)} held-out tokens are fewer than one window of {span}")
     count = min(num_windows, len(tokens) // span)
     starts = np.linspace(0, len(tokens) - span, count).astype(np.int64)
+    if align > 1:
+        starts = np.unique(starts // align * align)
     return torch.from_numpy(np.stack([np.asarray(tokens[s: s + span], dtype=np.int64) for s in starts]))
 
 
@@ -76,7 +81,7 @@ def run_perplexity(cfg, ctx) -> list[dict]:
     if ctx.heldout is None:
         raise AttnlabError("perplexity benchmark needs held-out tokens (a run folder with data)")
     seq_len = cfg.seq_len or ctx.model.config.block_size
-    windows = eval_windows(ctx.heldout, seq_len, cfg.windows)
+    windows = eval_windows(ctx.heldout, seq_len, cfg.windows, ctx.align)
     policies = cfg.policies or default_policies(ctx.model)
     reference, rows = compare_policies(ctx.model, windows, policies, cfg.batch_size)
     return [{**row.to_dict(), "forward_nll": reference, "windows": len(windows), "seq_len": seq_len} for row in rows]

@@ -48,7 +48,7 @@ def quality_windows(ctx: BenchContext, seq_len: int, count: int) -> tuple[torch.
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, ctx.model.config.vocab_size, (count, seq_len + 1), generator=gen), "random"
     try:
-        return eval_windows(np.asarray(ctx.heldout), seq_len, count), "heldout"
+        return eval_windows(np.asarray(ctx.heldout), seq_len, count, ctx.align), "heldout"
     except ValueError as err:
         raise DataError(f"quality benchmark: {err} (lower seq_len)") from None
 

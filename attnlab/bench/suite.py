@@ -53,6 +53,7 @@ class Target:
         self.config = json.loads(resolved.read_text()) if resolved.is_file() else None
         self._models: dict = {}
         self._heldout = None
+        self.align = 1
 
     def model(self, device: torch.device, dtype: torch.dtype):
         from attnlab.api import load
@@ -66,7 +67,7 @@ class Target:
         if self._heldout is None and self.config is not None:
             from attnlab.api import run_heldout_tokens
 
-            self._heldout = run_heldout_tokens(self.run_dir)
+            self._heldout, self.align = run_heldout_tokens(self.run_dir, with_align=True)
         return self._heldout
 
     def tokenizer(self):
@@ -92,9 +93,11 @@ class Target:
 
 def run_benchmark(cfg, target: Target, command: str = "") -> BenchRecord:
     device, dtype = resolve_device_dtype(cfg)
+    heldout = target.heldout()
     ctx = BenchContext(model=target.model(device, dtype), device=device, dtype=dtype, run_key=target.key,
-                       command=command, heldout=target.heldout(), tokenizer=target.tokenizer(),
-                       cache_policy=target.cache_policy(), load_reference=target.reference_loader(device, dtype))
+                       command=command, heldout=heldout, tokenizer=target.tokenizer(),
+                       cache_policy=target.cache_policy(), load_reference=target.reference_loader(device, dtype),
+                       align=target.align)
     rows = _runner(cfg.type)(cfg, ctx)
     return BenchRecord(cfg.name, cfg.type, target.key, rows, bench_provenance(ctx, cfg.model_dump(mode="json")))
 

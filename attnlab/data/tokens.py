@@ -253,7 +253,7 @@ class TrainBatches:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, align: int = 1):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if batch_size < 1 or seq_len < 1:
@@ -265,7 +265,10 @@ class TrainBatches:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.shard_len = len(tokens) // world_size
+        if align < 1:
+            raise ValueError(f"align must be >= 1, got {align}")
+        self.align = align  # window starts are multiples of align (documents of fixed length)
+        self.shard_len = len(tokens) // world_size // align * align
         self.shard_start = rank * self.shard_len
         if self.shard_len < seq_len + 1:
             raise DataError(
@@ -281,7 +284,10 @@ class TrainBatches:
             raise ValueError(f"step and micro must be >= 0, got {step}, {micro}")
         entropy = [self.seed & 0xFFFFFFFFFFFFFFFF, step, micro, self.rank, 0x617474]  # tag: "att"
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-        return rng.integers(0, self.shard_len - self.seq_len, size=self.batch_size, dtype=np.int64)
+        if self.align == 1:
+            return rng.integers(0, self.shard_len - self.seq_len, size=self.batch_size, dtype=np.int64)
+        slots = (self.shard_len - self.seq_len - 1) // self.align + 1
+        return rng.integers(0, slots, size=self.batch_size, dtype=np.int64) * self.align
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [B, T]; y is x shifted left by one token."""
@@ -291,11 +297,12 @@ class TrainBatches:
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 num_batches: int, align: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of (x, y) int64 [B, T] batches over ``tokens`` (identical on every call).
 
     Windows of ``seq_len + 1`` tokens sit at evenly spaced offsets spanning the whole split; their
-    targets never overlap. ``num_batches`` is capped by what fits; when fewer than ``batch_size``
+    targets never overlap. ``align`` > 1 rounds each start down to a multiple of it (for corpora
+    of fixed-length documents, whose windows should not straddle two). ``num_batches`` is capped by what fits; when fewer than ``batch_size``
     windows fit, the result is a single smaller batch.
     """
     if batch_size < 1 or seq_len < 1 or num_batches < 1:
@@ -311,6 +318,8 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
         count, per_batch = fit, fit
     span = n - seq_len - 1
     starts = np.arange(count, dtype=np.int64) * span // max(count - 1, 1)  # spacing >= seq_len
+    if align > 1:  # documents of fixed length: start each window at a document start
+        starts = np.unique(starts // align * align)
     index = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)  # (N, T+1)
     windows = torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
     return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows.split(per_batch)]

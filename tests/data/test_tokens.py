@@ -286,3 +286,16 @@ def test_eval_batches_capped():
     assert len(small) == 1 and small[0][0].shape == (3, 10)
     with pytest.raises(DataError, match="validation split has 10 tokens"):
         eval_batches(np.arange(10), batch_size=2, seq_len=10, num_batches=1)
+
+
+def test_aligned_windows_start_at_document_starts():
+    from attnlab.data import TrainBatches, eval_batches
+    import numpy as np
+
+    docs = np.repeat(np.arange(20, dtype=np.int64), 10)  # 20 documents of 10 tokens, doc i = i's
+    sampler = TrainBatches(docs, 8, 9, seed=3, align=10)
+    for step in range(5):
+        x, y = sampler.get(step, 0)
+        assert (x == x[:, :1]).all() and (y == x[:, :1]).all()  # one document per window
+    for x, y in eval_batches(docs, 4, 9, 3, align=10):
+        assert (x == x[:, :1]).all() and (y == x[:, :1]).all()
