@@ -1,0 +1,10 @@
+"""Decode-kernel tests run through Triton's CPU interpreter when there is no GPU: the switch must
+be set before triton.jit decorates the kernels, i.e. before attnlab.kernels.triton_decode is
+imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
