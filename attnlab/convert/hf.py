@@ -41,6 +41,7 @@ from attnlab.convert.common import (
 from attnlab.errors import AttnlabError, CheckpointError
 from attnlab.model.decoder import DecoderLM
 from attnlab.nn.rope import rope_inv_freq
+from attnlab.fsutil import fsync_path
 
 # model_type -> architecture; both use Llama's tensor names and forward
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -358,19 +359,6 @@ def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` folder (config.json + model.safetensors).
 
@@ -413,12 +401,12 @@ def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dt
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in ("config.json", "model.safetensors"):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out.parent)
+    fsync_path(out.parent)
     return out

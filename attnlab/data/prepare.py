@@ -27,6 +27,7 @@ from attnlab.config.data import TokenizerConfig
 from attnlab.data.sources import InputFile, Piece, collect_inputs, iter_pieces
 from attnlab.data.tokenizers import Tokenizer, build_tokenizer, encode_many
 from attnlab.errors import DataError
+from attnlab.fsutil import fsync_path
 
 SIDECAR_FORMAT = "attnlab-tokens/1"
 DOC_SEPARATOR_TEXT = "\n\n"  # used between documents when the tokenizer has no end-of-text token
@@ -103,24 +104,11 @@ class _TokenWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.output)
-        _fsync_dir(self.output.parent)
+        fsync_path(self.output.parent)
 
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from attnlab.errors import CheckpointError
+from attnlab.fsutil import fsync_path
 
 FORMAT = "attnlab.checkpoint"
 VERSION = 1
@@ -30,19 +31,6 @@ RESUMABLE_TRAIN_KEYS = frozenset({"steps", "eval_every", "eval_batches", "log_ev
 
 
 # ---------------------------------------------------------------- save / read
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
@@ -73,7 +61,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
