@@ -90,6 +90,7 @@ def sdpa_backends(runs) -> list[dict]:
 def train_throughput(run, batch: int, seq: int, steps: int, peak: float) -> dict:
     from attnlab.train.distributed import DistInfo, apply_ddp
     from attnlab.train.optim import build_optimizer
+    from attnlab.train.objectives import LanguageModeling
     from attnlab.train.step import autocast_factory, train_step
 
     cfg = run.train.model_copy(update={"compile": True, "precision": "bf16", "device": "cuda"})
@@ -98,13 +99,14 @@ def train_throughput(run, batch: int, seq: int, steps: int, peak: float) -> dict
     wrapped = apply_ddp(model, cfg, DistInfo(), torch.device("cuda"))
     optimizer = build_optimizer(model, cfg)
     autocast = autocast_factory("bf16", torch.device("cuda"))
+    objective = LanguageModeling(compile=True)  # what the Trainer uses with train.compile
     vocab = run.model.vocab_size
     batches = [(torch.randint(0, vocab, (batch, seq), device="cuda"),) * 2 for _ in range(4)]
 
     def step(i=[0]):
         x, y = batches[i[0] % 4]
         i[0] += 1
-        train_step(wrapped, optimizer, [(x, y)], lr=1e-4, grad_clip=1.0, autocast=autocast)
+        train_step(wrapped, optimizer, [(x, y)], lr=1e-4, grad_clip=1.0, autocast=autocast, objective=objective)
 
     t0 = time.perf_counter()
     for _ in range(3):  # compile + warmup
@@ -174,6 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--sections", nargs="+", default=["backends", "training", "decode"],
+                    choices=["backends", "training", "decode"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,11 +188,11 @@ def main() -> None:
     result["copy_bytes_per_s"] = copy_bw = copy_ceiling()
     print(f"# ceilings: bf16 matmul {peak / 1e12:.0f} TFLOP/s, copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     small, medium, large = (load_plan(ROOT / f"configs/paper/dba_{s}.yml").runs for s in ("125m", "350m", "1b"))
-    result["sdpa_backends"] = sdpa_backends(small + large)
+    result["sdpa_backends"] = sdpa_backends(small + large) if "backends" in args.sections else []
     print(table(result["sdpa_backends"], ["run", "flash", "efficient", "cudnn", "math"]), flush=True)
     steps = 5 if args.quick else 15
     result["training"] = []
-    for runs, batch in ((small, 32), (medium, 16)):
+    for runs, batch in ((small, 32), (medium, 16)) if "training" in args.sections else ():
         for run in runs:
             try:
                 row = train_throughput(run, batch, 1024, steps, peak)
@@ -199,7 +203,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             result["training"].append(row)
     result["decode"] = []
-    for context in (32 * 1024, 128 * 1024):
+    for context in (32 * 1024, 128 * 1024) if "decode" in args.sections else ():
         for run in large:
             for policy in ([None] if run.run_id == "baseline" else [None, "k_sem=q4_0,k_geo=q8_0,v=q4_0"]):
                 try:
@@ -212,7 +216,8 @@ def main() -> None:
                     print(f"decode {run.key} @{context}: FAILED {row['error']}", flush=True)
                     torch.cuda.empty_cache()
                 result["decode"].append(row)
-    (out / "model_throughput.json").write_text(json.dumps(result, indent=2, default=str))
+    stem = "model_throughput" if len(args.sections) == 3 else "model_throughput_" + "_".join(args.sections)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = [f"# Model throughput ({result['device']})", "", f"`{result['command']}`; torch {result['torch']}, "
           f"CUDA {result['cuda']}; bf16 matmul ceiling {peak / 1e12:.0f} TFLOP/s, copy {copy_bw / 1e12:.2f} TB/s.",
           "", "## SDPA backends accepting the fused call (bf16, B=4, T=1024)", "",
@@ -221,8 +226,8 @@ def main() -> None:
           table(result["training"], ["run", "params", "batch", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "error"]),
           "", "## Full-model decode, batch 1 (eager, no CUDA graphs)", "",
           table(result["decode"], ["run", "policy", "context", "ms_per_token", "floor_ms", "x_floor", "error"])]
-    (out / "model_throughput.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {out / 'model_throughput.md'}")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out / (stem + '.md')}")
 
 
 if __name__ == "__main__":

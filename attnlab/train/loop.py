@@ -65,7 +65,7 @@ class Trainer:
         self.autocast = autocast_factory(cfg.precision, device)
         self.events = EventLog(self.run_dir / EVENTS if info.is_main else None)
         self.progress = progress
-        self.objective = LanguageModeling()
+        self.objective = LanguageModeling(compile=cfg.compile)
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> TrainState:

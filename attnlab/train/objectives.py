@@ -25,8 +25,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class LanguageModeling:
+    """Next-token cross-entropy. With ``compile`` the loss is compiled too: Inductor then fuses the
+    fp32 upcast, log-softmax and NLL over the vocab instead of materializing fp32 logits (on GPT-2
+    shapes that unfused loss was a quarter of the step)."""
+
+    def __init__(self, compile: bool = False):
+        self.loss = torch.compile(lm_loss, dynamic=False) if compile else lm_loss
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return lm_loss(model(x), y)
+        return self.loss(model(x), y)
 
 
 @contextmanager
