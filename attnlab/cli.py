@@ -1,4 +1,4 @@
-"""Command line: ``attnlab compile | run | train | sample | bench | report | prepare``. Thin: parses arguments and
+"""Command line: ``attnlab compile | run | train | sample | bench | report | export | prepare``. Thin: parses arguments and
 calls library functions. User errors print one line and exit 2; bugs keep their traceback."""
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def _add_manifest_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="attnlab", description="attnlab: manifests, training, KV-cache inference, benchmarks and "
+                                    "upcycling for KV-cache-efficient attention. `attnlab COMMAND --help` for each.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="validate a manifest; --print-plan shows params, FLOPs and KV bytes per run",
