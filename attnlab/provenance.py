@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.fsutil import atomic_write_text
+
 COMMAND, RESOLVED, ENV = "command.txt", "resolved_config.json", "env.json"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -69,12 +71,6 @@ def environment(world_size: int | None = None) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_provenance(run_dir: str | os.PathLike, command: str, resolved: dict, *,
                      world_size: int | None = None) -> None:
     """Append ``command`` to ``command.txt``; write ``resolved_config.json`` and ``env.json``."""
@@ -82,7 +78,7 @@ def write_provenance(run_dir: str | os.PathLike, command: str, resolved: dict, *
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / COMMAND, "a", encoding="utf-8") as f:
         f.write(" ".join(command.splitlines()) + "\n")
-    _write_atomic(run_dir / RESOLVED, json.dumps(resolved, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(run_dir / RESOLVED, json.dumps(resolved, indent=2, sort_keys=False) + "\n")
     env = environment(world_size)
     previous: list = []
     if (run_dir / ENV).is_file():
@@ -93,4 +89,4 @@ def write_provenance(run_dir: str | os.PathLike, command: str, resolved: dict, *
             previous = []
     if previous:
         env["previous"] = previous
-    _write_atomic(run_dir / ENV, json.dumps(env, indent=2) + "\n")
+    atomic_write_text(run_dir / ENV, json.dumps(env, indent=2) + "\n")

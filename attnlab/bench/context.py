@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from attnlab.fsutil import atomic_write_text
 
 
 @dataclass
@@ -49,11 +50,8 @@ class BenchRecord:
     def save(self, folder: Path) -> Path:
         """Write ``<folder>/<benchmark>.json`` atomically."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.benchmark}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(folder / f"{self.benchmark}.json",
+                                 json.dumps(self.to_dict(), indent=2, default=_jsonable))
 
     @classmethod
     def load(cls, path: Path) -> "BenchRecord":

@@ -27,7 +27,7 @@ from attnlab.config.data import TokenizerConfig
 from attnlab.data.sources import InputFile, Piece, collect_inputs, iter_pieces
 from attnlab.data.tokenizers import Tokenizer, build_tokenizer, encode_many
 from attnlab.errors import DataError
-from attnlab.fsutil import fsync_path
+from attnlab.fsutil import atomic_write_text, fsync_path
 
 SIDECAR_FORMAT = "attnlab-tokens/1"
 DOC_SEPARATOR_TEXT = "\n\n"  # used between documents when the tokenizer has no end-of-text token
@@ -112,17 +112,7 @@ class _TokenWriter:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _separator(tok: Tokenizer) -> np.ndarray:

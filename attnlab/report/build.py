@@ -5,10 +5,10 @@ folders writes identical files (nothing is re-measured; no generation timestamp)
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab.fsutil import atomic_write_text
 from attnlab.report import plots
 from attnlab.report.collect import RunData, load_run
 from attnlab.report.tables import Table, benchmark_tables, summary_table
@@ -22,13 +22,6 @@ class ReportFiles:
     plots: dict[str, Path] = field(default_factory=dict)
     markdown: Path | None = None
     json: Path | None = None
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def curves_table(runs: list[RunData]) -> Table:
@@ -49,10 +42,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
     benches = benchmark_tables(runs)
     all_tables: list[tuple[str | None, Table]] = [(None, summary)] + [(kind, t) for kind, t in benches.values()]
     for kind, table in all_tables:
-        files.csv[table.name] = _write(folder / "csv" / f"{table.name}.csv", table.to_csv())
-        files.tables[table.name] = _write(folder / "tables" / f"{table.name}.tex",
+        files.csv[table.name] = atomic_write_text(folder / "csv" / f"{table.name}.csv", table.to_csv())
+        files.tables[table.name] = atomic_write_text(folder / "tables" / f"{table.name}.tex",
                                           table.to_latex(table.display_columns(kind)))
-    files.csv["curves"] = _write(folder / "csv" / "curves.csv", curves_table(runs).to_csv())
+    files.csv["curves"] = atomic_write_text(folder / "csv" / "curves.csv", curves_table(runs).to_csv())
 
     by_type = {kind: table for kind, table in benches.values()}
     drawn = {
@@ -70,8 +63,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
                   "benchmarks": {n: rec.to_dict() for n, rec in sorted(r.benchmarks.items())}} for r in runs],
         "tables": {t.name: t.rows for _, t in all_tables},
     }
-    files.json = _write(folder / "report.json", json.dumps(report, indent=2, default=str))
-    files.markdown = _write(folder / "report.md", _markdown(title, command, runs, all_tables, files))
+    files.json = atomic_write_text(folder / "report.json", json.dumps(report, indent=2, default=str))
+    files.markdown = atomic_write_text(folder / "report.md", _markdown(title, command, runs, all_tables, files))
     return files
 
 
