@@ -5,13 +5,14 @@ read + written / time); then the time of one layer's decode attention and the ba
 achieves (cache bytes it must read / time, and that as a share of the copy ceiling) for
 
 * ``sdpa``      PyTorch SDPA over a bf16 standard cache (32 heads x 64, d_model 2048)
-* ``std-bf16``  attnlab's fused Triton kernel over the same cache
+* ``std-bf16``  attnlab's fused Triton kernel (``attnlab.kernels.decode``) over the same cache
 * ``dba-*``     DBA, 32 heads, sem/geo/v = 256/1024/1280 (per head 8/32/40), formats fp16, q8_0,
                 q4_0 and k_sem=q4_0,k_geo=q8_0,v=q4_0 (``dba-hetero``)
 * ``gqa-*``     32 query heads / 8 kv heads, head dim 64, bf16 and q4_0
 
-over contexts 4k..128k and batch 1/8/32. Caches are FieldStores filled with random rows through
-``attnlab.quant.quantize`` (no model). Timing: each call is captured ``R`` times into a CUDA graph,
+over contexts 4k..128k and batch 1/8/32. Caches are planar fields (``attnlab.quant.planar``:
+float rows, or codes + block scales) filled with random rows (no model); the kernel runs on a
+``plan_decode`` plan made once per shape. Timing: each call is captured ``R`` times into a CUDA graph,
 cycling over enough independent copies of the inputs that they cannot stay in L2; the graph is
 replayed (warm-up first) and the median replay time / R is reported.
 
@@ -36,10 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attnlab.cache.kv import LayerCache  # noqa: E402
-from attnlab.cache.policy import CachePolicy  # noqa: E402
-from attnlab.config.attention import AttentionDims, KeyField  # noqa: E402
-from attnlab.quant import quantize  # noqa: E402
+from attnlab.quant import planar  # noqa: E402
 
 KIB = 1024
 CONTEXTS = [4 * KIB, 8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB]
@@ -133,23 +131,52 @@ def time_calls(calls: list, est_seconds: float, replays: int = 10) -> float:
 
 # ----------------------------------------------------------------------------------- caches
 
+_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-def build_cache(cfg: dict, batch: int, length: int, device, gen: torch.Generator) -> LayerCache:
-    dims = AttentionDims(cfg["num_heads"], cfg["num_kv"],
-                         tuple(KeyField(n, d, n != "k_sem") for n, d in cfg["fields"]), cfg["v_dim"])
-    cache = LayerCache(dims, CachePolicy(formats=dict(cfg["formats"])), batch, device, cfg["dtype"])
-    chunk = max(1, (1 << 27) // (batch * max(cache.row_lengths.values())))  # ~512 MiB of fp32 at a time
-    for name, store in cache.stores.items():
-        store.data = torch.empty(batch, length, store.data.shape[2], dtype=store.data.dtype, device=device)
+
+def field_specs(cfg: dict):
+    from attnlab.kernels.decode import FieldSpec
+
+    model = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[cfg["dtype"]]
+    names = list(cfg["fields"]) + [("v", cfg["v_dim"])]
+    return [FieldSpec(n, cfg["formats"].get(n, model), cfg["num_kv"], d) for n, d in names]
+
+
+def row_bytes(spec) -> int:
+    if spec.format in _FLOAT:
+        return spec.row_length * torch.finfo(_FLOAT[spec.format]).bits // 8
+    code_bytes, nblocks = planar.planar_widths(spec.format, spec.row_length)
+    return code_bytes + 2 * nblocks
+
+
+def build_fields(cfg: dict, batch: int, length: int, device, gen: torch.Generator) -> list:
+    """Planar FieldData per field (keys..., v) filled with random rows."""
+    from attnlab.kernels.decode import FieldData
+
+    out = []
+    for spec in field_specs(cfg):
+        n = spec.row_length
+        fd = FieldData()
+        if spec.format in _FLOAT:
+            fd.data = torch.empty(batch, length, n, dtype=_FLOAT[spec.format], device=device)
+        else:
+            cb, nb = planar.planar_widths(spec.format, n)
+            fd.codes = torch.empty(batch, length, cb, dtype=torch.uint8, device=device)
+            fd.scales = torch.empty(batch, length, nb, dtype=torch.float16, device=device)
+        chunk = max(1, (1 << 27) // (batch * n))  # ~512 MiB of fp32 at a time
         for s in range(0, length, chunk):
             e = min(length, s + chunk)
-            rows = torch.randn(batch, e - s, store.row_length, device=device, generator=gen)
-            store.data[:, s:e] = quantize(rows, store.format.name)
-    return cache
+            rows = torch.randn(batch, e - s, n, device=device, generator=gen)
+            if fd.data is not None:
+                fd.data[:, s:e] = rows
+            else:
+                fd.codes[:, s:e], fd.scales[:, s:e] = planar.quantize(rows, spec.format)
+        out.append(fd)
+    return out
 
 
-def cache_bytes(cache: LayerCache, batch: int, length: int) -> int:
-    return batch * length * cache.bytes_per_token()
+def cache_bytes(cfg: dict, batch: int, length: int) -> int:
+    return batch * length * sum(row_bytes(s) for s in field_specs(cfg))
 
 
 def make_queries(cfg: dict, batch: int, device, gen) -> list[torch.Tensor]:
@@ -157,18 +184,27 @@ def make_queries(cfg: dict, batch: int, device, gen) -> list[torch.Tensor]:
             for _, d in cfg["fields"]]
 
 
-def kernel_call(cache, q, scales, lengths_dev, q_pos, length, **kw):
-    from attnlab.kernels.triton_decode import decode_attention
+def make_plan(cfg: dict, batch: int, length: int, device, **kw):
+    from attnlab.kernels.decode import plan_decode
+
+    specs = field_specs(cfg)
+    return plan_decode(specs[:-1], specs[-1], num_heads=cfg["num_heads"], batch=batch, max_length=length, tail=0,
+                       ring_size=0, has_null=False, q_dtype=cfg["dtype"], device=device, **kw)
+
+
+def kernel_call(plan, fields, q, scales, lengths_dev, q_pos):
+    from attnlab.kernels.decode import decode_attention
 
     def call():
-        return decode_attention(q, cache, scales, q_positions=q_pos, key_lengths=lengths_dev,
-                                max_length=length, **kw)
+        return decode_attention(plan, q, fields[:-1], fields[-1], scales=scales, lengths=lengths_dev,
+                                q_positions=q_pos)
     return call
 
 
-def sdpa_call(cache, q, scales):
-    k = cache.stores["k"].data.unflatten(2, (cache.dims.num_kv_heads, -1)).transpose(1, 2)  # (B, H, L, d) view
-    v = cache.stores["v"].data.unflatten(2, (cache.dims.num_kv_heads, -1)).transpose(1, 2)
+def sdpa_call(cfg, fields, q, scales):
+    kv = cfg["num_kv"]
+    k = fields[0].data.unflatten(2, (kv, -1)).transpose(1, 2)  # (B, H, L, d) view
+    v = fields[1].data.unflatten(2, (kv, -1)).transpose(1, 2)
 
     def call():
         return F.scaled_dot_product_attention(q[0], k, v, scale=scales[0])
@@ -181,64 +217,79 @@ def sdpa_call(cache, q, scales):
 def measure(name: str, cfg: dict, batch: int, length: int, device, copy_gbps: float, *, with_sdpa=False,
             variants=None) -> list[dict]:
     """All requested timings for one (configuration, batch, context); returns result rows."""
-    from attnlab.kernels import triton_decode as td
-
     gen = torch.Generator(device=device).manual_seed(batch * 7919 + length)
-    probe = build_cache(cfg, 1, 1, device, gen)
-    one = cache_bytes(probe, batch, length)
+    one = cache_bytes(cfg, batch, length)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2**32
     if one > MEMORY_BUDGET * free:
         return [dict(config=name, batch=batch, context=length, skipped=f"needs {one / 2**30:.1f} GiB")]
     copies = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / one), int(MEMORY_BUDGET * free // one)))
-    caches = [build_cache(cfg, batch, length, device, gen) for _ in range(copies)]
+    caches = [build_fields(cfg, batch, length, device, gen) for _ in range(copies)]
     queries = [make_queries(cfg, batch, device, gen) for _ in range(copies)]
     scales = [1.0 / math.sqrt(d) for _, d in cfg["fields"]]
     lengths_dev = torch.full((batch,), length, dtype=torch.int32, device=device)
     q_pos = torch.full((batch, 1), length - 1, dtype=torch.long, device=device)
     est = one / (copy_gbps * 1e9)
     rows = []
-    lay = [td.field_layout(caches[0].formats[n], d, cfg["num_kv"]) for n, d in list(cfg["fields"]) + [("v", cfg["v_dim"])]]
     for label, kw in (variants or [("fused", {})]):
         try:
-            calls = [kernel_call(c, q, scales, lengths_dev, q_pos, length, **kw) for c, q in zip(caches, queries)]
+            plan = make_plan(cfg, batch, length, device, **kw)
+            calls = [kernel_call(plan, c, q, scales, lengths_dev, q_pos) for c, q in zip(caches, queries)]
             t = time_calls(calls, est)
         except Exception as e:  # a sweep variant may not compile (resources): report, go on
             rows.append(dict(config=name, variant=label, batch=batch, context=length, error=repr(e)[:200]))
             continue
         rows.append(dict(config=name, variant=label, batch=batch, context=length, bytes=one, seconds=t,
                          gbps=one / t / 1e9, share=one / t / 1e9 / copy_gbps, copies=copies,
-                         overrides=kw, layouts=[f"{x.name}:{x.nbh}x{x.qh}" for x in lay]))
+                         overrides=kw, plan=plan.describe()))
     if with_sdpa:
-        calls = [sdpa_call(c, q, scales) for c, q in zip(caches, queries)]
+        calls = [sdpa_call(cfg, c, q, scales) for c, q in zip(caches, queries)]
         out_k = calls[0]()
-        ref = kernel_call(caches[0], queries[0], scales, lengths_dev, q_pos, length)()
+        ref = kernel_call(make_plan(cfg, batch, length, device), caches[0], queries[0], scales, lengths_dev, q_pos)()
         err = float((out_k.float() - ref.float()).norm() / out_k.float().norm())
         t = time_calls(calls, est)
         rows.append(dict(config="sdpa", variant="torch", batch=batch, context=length, bytes=one, seconds=t,
                          gbps=one / t / 1e9, share=one / t / 1e9 / copy_gbps, copies=copies,
                          rel_diff_vs_fused=err))
     del caches, queries
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
 def sweep_variants(name: str, num_sms: int, batch: int, num_kv: int, length: int):
-    """Kernel variants worth comparing for one configuration (benchmark --sweep)."""
-    from attnlab.kernels.triton_decode import choose_num_splits
+    """Kernel variants worth comparing for one configuration (benchmark --sweep): kv heads per
+    program, block size, warps, splits."""
+    from attnlab.kernels.decode import choose_heads_per_program
 
-    base = choose_num_splits(batch, num_kv, length, num_sms)
-    out = [(f"splits{2 * base}", dict(num_splits=2 * base))]
-    if name.startswith("std") or name == "dba-fp16":
-        out += [(f"bn{bn}-w{nw}", dict(block_n=bn, num_warps=nw)) for bn in (32, 64) for nw in (4, 8)]
-    if name.startswith("dba"):
-        out += [("bn32-w8", dict(block_n=32, num_warps=8)), ("bn128-w4", dict(block_n=128, num_warps=4))]
-        for hp in (2, 4, 8):
-            out += [(f"hp{hp}", dict(heads_per_program=hp)), (f"hp{hp}-w8", dict(heads_per_program=hp, num_warps=8))]
-        out += [("hp4-bn16", dict(heads_per_program=4, block_n=16)), ("hp4-bn64", dict(heads_per_program=4, block_n=64))]
-    if name.startswith("gqa"):
-        out += [(f"bn{bn}-w{nw}", dict(block_n=bn, num_warps=nw)) for bn in (32, 64, 128) for nw in (2, 4, 8)]
-        out += [("hp2", dict(heads_per_program=2)), ("hp4", dict(heads_per_program=4))]
+    cfg = CONFIGS[name]
+    hp0 = choose_heads_per_program(field_specs(cfg), cfg["num_heads"] // num_kv)
+    hps = sorted({h for h in (hp0 // 2, hp0, 2 * hp0) if h >= 1 and num_kv % h == 0 and
+                  (not (name.startswith("dba-q") or name == "dba-hetero") or h % 4 == 0)})
+    out = [(f"hp{hp}-bn{bn}", dict(heads_per_program=hp, block_n=bn)) for hp in hps for bn in (32, 64)]
+    out += [(f"hp{hp0}-bn16", dict(heads_per_program=hp0, block_n=16)), (f"hp{hp0}-w8", dict(num_warps=8)),
+            ("stages2", dict(num_stages=2)), ("stages4", dict(num_stages=4)),
+            ("splits-x2", dict(num_splits=2 * max(1, -(-num_sms * 4 // max(1, batch * num_kv // hp0))))),
+            ("splits-/2", dict(num_splits=max(1, num_sms * 2 // max(1, batch * num_kv // hp0))))]
     return out
+
+
+TUNE = {  # candidate plan overrides per configuration (benchmark --tune)
+    "dba": [("bn64", dict(block_n=64)), ("r128", dict(maxnreg=128, split_waves=4)),
+            ("r168", dict(maxnreg=168, split_waves=3)), ("hp16", dict(heads_per_program=16)),
+            ("w2", dict(num_warps=2, split_waves=4))],
+    "gqa-q4_0": [("bn128", dict(block_n=128)), ("r128", dict(maxnreg=128, split_waves=4)),
+                 ("hp4-bn64", dict(heads_per_program=4, block_n=64))],
+    "std": [("hp1-bn64", dict(heads_per_program=1, block_n=64)), ("hp2-bn64", dict(heads_per_program=2, block_n=64)),
+            ("hp1-bn64-w2", dict(heads_per_program=1, block_n=64, split_waves=2))],
+}
+
+
+def tune_variants(name: str):
+    if name.startswith("dba-") and name != "dba-fp16":
+        return TUNE["dba"]
+    if name == "std-bf16":
+        return TUNE["std"]
+    return TUNE.get(name, [])
 
 
 def fmt_row(r: dict) -> str:
@@ -256,7 +307,7 @@ HEADER = ("| config | variant | batch | context | time (us) | MiB read | GB/s | 
 def targets(rows: list[dict], ref_bytes_ratio: float) -> list[str]:
     ok = [r for r in rows if "seconds" in r]
     lines = []
-    fused = [r for r in ok if r["config"] != "sdpa" and r["variant"] == "fused" and r["context"] >= 32 * KIB]
+    fused = [r for r in ok if r["config"] != "sdpa" and r["variant"] in ("fused", "tuned") and r["context"] >= 32 * KIB]
     for name in CONFIGS:
         sel = [r for r in fused if r["config"] == name]
         if sel:
@@ -265,7 +316,7 @@ def targets(rows: list[dict], ref_bytes_ratio: float) -> list[str]:
             lines.append(f"- {name}: at >= 32k, {100 * worst['share']:.1f}% .. {100 * best['share']:.1f}% of copy "
                          f"bandwidth (target >= 85%: {'met' if worst['share'] >= 0.85 else 'met at some shapes' if best['share'] >= 0.85 else 'not met'})")
     for batch in BATCHES:
-        h = [r for r in ok if r["config"] == "dba-hetero" and r["variant"] == "fused" and r["batch"] == batch
+        h = [r for r in ok if r["config"] == "dba-hetero" and r["variant"] in ("fused", "tuned") and r["batch"] == batch
              and r["context"] == 128 * KIB]
         s = [r for r in ok if r["config"] == "sdpa" and r["batch"] == batch and r["context"] == 128 * KIB]
         if h and s:
@@ -298,11 +349,14 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--sweep-configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--time-limit", type=float, default=330.0, help="stop starting new shapes after this")
+    ap.add_argument("--sweep-time-limit", type=float, default=200.0, help="stop sweeping after this")
+    ap.add_argument("--tune", action="store_true", help="first time a few plan overrides per configuration "
+                    "(batch 1 and 8, 32k); the main table then uses each configuration's best (variant 'tuned')")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter): "
                     "checks the script, measures nothing")
     args = ap.parse_args()
     if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before attnlab.kernels.triton_decode is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before attnlab.kernels.decode is imported
         global CONTEXTS, BATCHES
         CONTEXTS, BATCHES = [96], [1, 2]
         device = torch.device("cpu")
@@ -318,10 +372,12 @@ def main() -> None:
     batches = [1, 8] if args.quick else BATCHES
     rows: list[dict] = []
     if args.sweep:
-        from attnlab.kernels.triton_decode import _num_sms
+        from attnlab.kernels.decode import _num_sms
         for name in args.sweep_configs:
             cfg = CONFIGS[name]
             for batch, length in ((1, 32 * KIB), (8, 32 * KIB)) if not args.dry_run else ((1, 96),):
+                if time.time() - t_start > args.sweep_time_limit:
+                    continue
                 rows += measure(name, cfg, batch, length, device, copy["gbps"],
                                 variants=[("fused", {})] + sweep_variants(name, _num_sms(device), batch, cfg["num_kv"],
                                                                           length))
@@ -334,8 +390,32 @@ def main() -> None:
                 if key not in best or r["seconds"] < best[key]["seconds"]:
                     best[key] = r
         for key, r in best.items():
-            base = next(x for x in rows if x.get("variant") == "fused" and (x["config"], x["batch"], x["context"]) == key)
-            print(f"# sweep {key}: best {r['variant']} {100 * r['share']:.1f}% (default {100 * base.get('share', 0):.1f}%)")
+            base = next(x for x in rows
+                        if x.get("variant") == "fused" and (x["config"], x["batch"], x["context"]) == key)
+            print(f"# sweep {key}: best {r['variant']} {100 * r['share']:.1f}% "
+                  f"(default {100 * base.get('share', 0):.1f}%)")
+    tuned: dict[str, dict] = {}
+    if args.tune:
+        for name in args.configs:
+            cands = tune_variants(name)
+            if not cands or time.time() - t_start > args.sweep_time_limit:
+                continue
+            trial = []
+            for batch, length in ((1, 32 * KIB), (8, 32 * KIB)) if not args.dry_run else ((1, 96),):
+                trial += measure(name, CONFIGS[name], batch, length, device, copy["gbps"],
+                                 variants=[("fused", {})] + cands)
+            for r in trial:
+                r["sweep"] = True
+            rows += trial
+            scores = {}
+            for label, kw in [("fused", {})] + cands:
+                got = [r["share"] for r in trial if r.get("variant") == label and "share" in r]
+                if len(got) == len(trial) // (len(cands) + 1):
+                    scores[label] = (math.prod(got) ** (1 / len(got)), kw)
+            best = max(scores.items(), key=lambda kv: kv[1][0])
+            tuned[name] = dict(best[1][1], label=best[0])
+            print(f"# tune {name}: {best[0]} ({', '.join(f'{k} {100 * v[0]:.1f}%' for k, v in scores.items())})",
+                  flush=True)
     print(HEADER, flush=True)
     for name in args.configs:
         for batch in batches:
@@ -343,21 +423,22 @@ def main() -> None:
                 if time.time() - t_start > args.time_limit:
                     rows.append(dict(config=name, batch=batch, context=length, skipped="time limit"))
                     continue
-                new = measure(name, CONFIGS[name], batch, length, device, copy["gbps"], with_sdpa=name == "std-bf16")
+                over = {k: v for k, v in tuned.get(name, {}).items() if k != "label"}
+                variants = [("tuned" if over else "fused", over)]
+                new = measure(name, CONFIGS[name], batch, length, device, copy["gbps"], with_sdpa=name == "std-bf16",
+                              variants=variants)
                 rows += new
                 for r in new:
                     print(fmt_row(r), flush=True)
     std_bytes = 2 * 2048 * 2
-    hetero_bytes = LayerCache(AttentionDims(32, 32, (KeyField("k_sem", 8, False), KeyField("k_geo", 32, True)), 40),
-                              CachePolicy(formats=CONFIGS["dba-hetero"]["formats"]), 1, device,
-                              torch.bfloat16).bytes_per_token()
+    hetero_bytes = sum(row_bytes(s) for s in field_specs(CONFIGS["dba-hetero"]))
     ratio = hetero_bytes / std_bytes
     main_rows = [r for r in rows if not r.get("sweep")]
     goal = targets(main_rows, ratio)
     print("\n".join(goal))
     os.makedirs(args.out, exist_ok=True)
     result = dict(environment=env, copy=copy, bytes_per_token=dict(std_bf16=std_bytes, dba_hetero=hetero_bytes),
-                  rows=rows, targets=goal, seconds=time.time() - t_start)
+                  rows=rows, targets=goal, tuned=tuned, seconds=time.time() - t_start)
     with open(os.path.join(args.out, "decode_attention.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "decode_attention.md"), "w") as f:
@@ -367,12 +448,16 @@ def main() -> None:
         f.write(f"- dtype: {env['dtype']}\n")
         f.write(f"- copy bandwidth ceiling (device-to-device copy, read + write): **{copy['gbps']:.0f} GB/s**\n")
         f.write(f"- bytes per token and layer: standard bf16 {std_bytes}, DBA hetero {hetero_bytes} "
-                f"(ratio {ratio:.3f})\n\n## Targets\n\n" + "\n".join(goal) + "\n\n## Results\n\n" + HEADER + "\n")
-        f.write("\n".join(fmt_row(r) for r in main_rows) + "\n")
+                f"(ratio {ratio:.3f})\n")
+        if tuned:
+            f.write("- tuned plan overrides (variant `tuned`): " + "; ".join(
+                f"{k}: {v['label']} {({a: b for a, b in v.items() if a != 'label'})}" for k, v in tuned.items()) + "\n")
+        f.write("\n## Targets\n\n" + "\n".join(goal) + "\n\n## Results\n\n" + HEADER + " plan |\n")
+        f.write("\n".join(fmt_row(r) + f" {r.get('plan', '')} |" for r in main_rows) + "\n")
         sweep = [r for r in rows if r.get("sweep")]
         if sweep:
-            f.write("\n## Sweep (block size, warps, splits, pipeline stages)\n\n" + HEADER + "\n")
-            f.write("\n".join(fmt_row(r) for r in sweep) + "\n")
+            f.write("\n## Sweep (kv heads per program, block size, warps, splits)\n\n" + HEADER + " plan |\n")
+            f.write("\n".join(fmt_row(r) + f" {r.get('plan', '')} |" for r in sweep) + "\n")
     print(f"# wrote {args.out}/decode_attention.json and .md in {time.time() - t_start:.0f} s")
 
 

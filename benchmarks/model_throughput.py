@@ -1,7 +1,8 @@
 """Whole-model GPU throughput in one run: which SDPA backends each attention variant can use,
 training tokens/s and MFU for the ~125M and ~350M presets (baseline vs DBA), and full-model
-decode ms/token at long context for the paper's 1B shapes (random weights; caches filled with
-random rows, so no prefill is needed to reach the context).
+decode ms/token at long context for the paper's 1B shapes (random weights; the decode runtime's
+cache planes filled with random rows, so no prefill is needed to reach the context; each step is
+``DecodeRuntime.step``, a CUDA-graph replay where the kernels allow it).
 
     python benchmarks/model_throughput.py [--quick] [--out benchmarks/results]
 
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attnlab.cache import ModelCache  # noqa: E402
+from attnlab.bench.synthetic_cache import fill_random  # noqa: E402
+from attnlab.infer.runtime import DecodeRuntime  # noqa: E402
 from attnlab.manifest import load_plan  # noqa: E402
 from attnlab.model import build_model  # noqa: E402
 from attnlab.model.stats import model_stats  # noqa: E402
-from attnlab.quant import quantize  # noqa: E402
 
 
 def timed(fn, warmup: int, repeats: int) -> list[float]:
@@ -127,39 +128,27 @@ def train_throughput(run, batch: int, seq: int, steps: int, peak: float) -> dict
     return out
 
 
-def fill_cache(cache: ModelCache, context: int) -> None:
-    """Random rows in every field up to ``context`` tokens (quantized per the policy)."""
-    for layer in cache.layers:
-        for name, store in layer.stores.items():
-            store.reserve(context + 64)
-            for start in range(0, context, 8192):
-                end = min(context, start + 8192)
-                rows = torch.randn(cache.batch, end - start, store.row_length, device="cuda") * 0.5
-                store.data[:, start:end] = quantize(rows, store.format.name)
-    cache.lengths = [context] * cache.batch
-
-
 def decode_speed(run, policy: str | None, context: int, steps: int, copy_bw: float) -> dict:
     torch.manual_seed(0)
     model = build_model(run.model).cuda().to(torch.bfloat16).eval()
-    cache = ModelCache.for_model(model, policy, batch=1)
-    fill_cache(cache, context)
-    token = torch.randint(0, run.model.vocab_size, (1, 1), device="cuda")
+    runtime = DecodeRuntime(model, policy, batch=1, max_length=context + 1)
+    fill_random(runtime, context)
+    token = torch.randint(0, run.model.vocab_size, (1,), device="cuda")
+    lengths = [context] * runtime.batch
 
     def step():
-        with torch.no_grad():
-            model(token, cache=cache)
-        cache.truncate(context)  # keep the context fixed
+        runtime.step(token)  # a CUDA-graph replay once captured (the first warm-up call)
+        runtime.set_lengths(lengths)  # keep the context fixed
 
     times = timed(step, 3, steps)
     median = times[len(times) // 2]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = cache.bytes_per_token() * context
+    kv = runtime.cache.bytes_per_token() * context
     floor = (weights + kv) / copy_bw
     out = {"run": f"{run.name}/{run.key}", "policy": policy or "bf16", "context": context, "ms_per_token": median * 1e3,
            "tokens_per_s": 1 / median, "floor_ms": floor * 1e3, "x_floor": median / floor,
-           "weight_bytes": weights, "kv_bytes": kv}
-    del model, cache
+           "weight_bytes": weights, "kv_bytes": kv, "cuda_graph": runtime.cuda_graphs}
+    del model, runtime
     torch.cuda.empty_cache()
     return out
 
@@ -224,8 +213,9 @@ def main() -> None:
           table(result["sdpa_backends"], ["run", "flash", "efficient", "cudnn", "math"]),
           "", "## Training (torch.compile, bf16 autocast, fused AdamW, T=1024)", "",
           table(result["training"], ["run", "params", "batch", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "error"]),
-          "", "## Full-model decode, batch 1 (eager, no CUDA graphs)", "",
-          table(result["decode"], ["run", "policy", "context", "ms_per_token", "floor_ms", "x_floor", "error"])]
+          "", "## Full-model decode, batch 1 (DecodeRuntime.step; cuda_graph: replayed as a CUDA graph)", "",
+          table(result["decode"], ["run", "policy", "context", "ms_per_token", "floor_ms", "x_floor", "cuda_graph",
+                                   "error"])]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / (stem + '.md')}")
 

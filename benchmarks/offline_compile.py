@@ -1,11 +1,15 @@
-"""Compile the decode kernels for a GPU target on a machine without one (no launch) and print
-ptxas' resource report (registers, spills, stack) per kernel: ``python benchmarks/offline_compile.py``.
+"""Compile the decode kernels (``attnlab.kernels.decode``) for a GPU target on a machine without
+one (no launch) and print ptxas' resource report (registers, spills) per kernel, plus the size
+and instruction mix of the split kernel's main loop in SASS (per tile and per token):
 
-Uses a stand-in Triton driver that reports the target; needs Triton's bundled ptxas."""
+    python benchmarks/offline_compile.py [--cases dba_hetero ...] [--hp 4 --block-n 64 ...] [--dump DIR]
+
+Uses a stand-in Triton driver that reports the target; needs Triton's bundled ptxas/nvdisasm."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -13,30 +17,31 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from attnlab.kernels import triton_decode as td  # noqa: E402
-
+DBA = dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40)
 CASES = {
-    "std_bf16_hd64": dict(num_heads=32, num_kv=32, key_dims=(64,), v_dim=64, dtype=torch.bfloat16),
-    "gqa_bf16_hd64": dict(num_heads=32, num_kv=8, key_dims=(64,), v_dim=64, dtype=torch.bfloat16),
-    "gqa_q4_0_hd64": dict(num_heads=32, num_kv=8, key_dims=(64,), v_dim=64, dtype=torch.bfloat16,
-                          formats={"k": "q4_0", "v": "q4_0"}),
-    "dba_fp16": dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40, dtype=torch.float16),
-    "dba_q8_0": dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40, dtype=torch.bfloat16,
-                     formats={"k_sem": "q8_0", "k_geo": "q8_0", "v": "q8_0"}),
-    "dba_q4_0": dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40, dtype=torch.bfloat16,
-                     formats={"k_sem": "q4_0", "k_geo": "q4_0", "v": "q4_0"}),
-    "dba_hetero": dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40, dtype=torch.bfloat16,
-                       formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}),
-    "dba_hetero_tail_null": dict(num_heads=32, num_kv=32, key_dims=(8, 32), v_dim=40, dtype=torch.bfloat16,
-                                 formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, tail=16, null=True),
+    "std_bf16": dict(num_heads=32, num_kv=32, key_dims=(64,), v_dim=64, dtype=torch.bfloat16),
+    "gqa_bf16": dict(num_heads=32, num_kv=8, key_dims=(64,), v_dim=64, dtype=torch.bfloat16),
+    "gqa_q4_0": dict(num_heads=32, num_kv=8, key_dims=(64,), v_dim=64, dtype=torch.bfloat16,
+                     formats={"k": "q4_0", "v": "q4_0"}),
+    "dba_fp16": dict(DBA, dtype=torch.float16),
+    "dba_q8_0": dict(DBA, dtype=torch.bfloat16, formats={"k_sem": "q8_0", "k_geo": "q8_0", "v": "q8_0"}),
+    "dba_q4_0": dict(DBA, dtype=torch.bfloat16, formats={"k_sem": "q4_0", "k_geo": "q4_0", "v": "q4_0"}),
+    "dba_hetero": dict(DBA, dtype=torch.bfloat16, formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}),
+    "dba_hetero_tail_null": dict(DBA, dtype=torch.bfloat16, formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"},
+                                 tail=16, null=True),
+    "three_keys_odd": dict(num_heads=6, num_kv=3, key_dims=(6, 10, 12), v_dim=40, dtype=torch.bfloat16,
+                           formats={"k0": "q4_0", "k1": "q8_0", "k2": "fp16", "v": "nf4"}, tail=4, null=True),
 }
+_OPS = ("HMMA", "LDG", "LDS", "STS", "LDSM", "BAR", "SHFL", "PRMT", "LOP3", "HFMA2", "HADD2", "HMUL2", "FFMA",
+        "FMUL", "FADD", "MUFU", "IMAD", "IADD3", "F2FP", "F2F", "I2F", "SEL", "FSEL", "ISETP", "FSETP", "LEA", "SHF")
 
 
 class _Driver:
@@ -59,6 +64,28 @@ class _Driver:
         return True
 
 
+def loop_stats(sass: str) -> tuple[int, collections.Counter]:
+    """Instructions of the largest loop (a backward branch) in nvdisasm output, by opcode."""
+    lines = []
+    labels = {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(lines)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*?);", line)
+        if m:
+            lines.append((m.group(2), m.group(3)))
+    best = (0, 0)
+    for i, (op, rest) in enumerate(lines):
+        if op.startswith("BRA"):
+            t = re.search(r"(\.L_x_\d+)", rest)
+            if t and labels.get(t.group(1), i + 1) <= i and i - labels[t.group(1)] > best[1] - best[0]:
+                best = (labels[t.group(1)], i + 1)
+    body = lines[best[0]:best[1]]
+    return len(body), collections.Counter(op.split(".")[0] for op, _ in body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
@@ -66,61 +93,61 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--hp", type=int, default=None, help="kv heads per program")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread")
     ap.add_argument("--dump", default=None, help="folder for ttgir/ptx/sass")
-    ap.add_argument("--grid", type=int, default=0, help="also compile N random test-like shapes")
     args = ap.parse_args()
-    from decode_cases import make_case
-
     driver.set_active(_Driver(args.arch))
-    from attnlab.kernels import triton_decode_jit as tj
-    kernels = [tj.split_kernel, tj.reduce_kernel]
+    from planar_cases import make_case
+
+    from attnlab.kernels import decode as dk
+    from attnlab.kernels import decode_jit as dj
+    kernels = [dj.split_kernel, dj.reduce_kernel]
+
     def compile_only(run):
         return lambda *a, grid, warmup, **kw: run(*a, grid=grid, warmup=True, **kw)
 
     for k in kernels:
         k.run = compile_only(k.run)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    cases = {name: CASES[name] for name in args.cases}
-    import random
-    rng = random.Random(0)
-    fmts = ["fp16", "bf16", "fp32", "q8_0", "q4_0", "nf4"]
-    for i in range(args.grid):
-        dims = rng.choice([((16,), 16), ((8, 32), 40), ((20,), 20), ((40,), 40), ((64,), 64), ((8, 16), 24),
-                           ((32,), 32), ((128,), 128)])
-        kv = rng.choice([1, 2, 3, 4])
-        names = ("k",) if len(dims[0]) == 1 else ("k_sem", "k_geo")
-        cases[f"grid{i}"] = dict(num_heads=kv * rng.choice([1, 2, 4]), num_kv=kv, key_dims=dims[0], v_dim=dims[1],
-                                 formats={n: rng.choice(fmts) for n in names + ("v",)},
-                                 tail=rng.choice([0, 0, 5]), null=rng.choice([False, True]),
-                                 dtype=rng.choice([torch.float32, torch.bfloat16]))
-    for name, spec in cases.items():
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in args.cases:
+        spec = CASES[name]
         c = make_case(lengths=(300,), **spec)
         for k in kernels:
             k.device_caches.clear()
+        plan = dk.plan_decode(c["specs"][:-1], c["specs"][-1], num_heads=c["num_heads"], batch=1, max_length=300,
+                              tail=c["tail"], ring_size=c["ring_size"], has_null=c["null_k"] is not None,
+                              q_dtype=c["q_dtype"], device="cpu", heads_per_program=args.hp, block_n=args.block_n,
+                              num_warps=args.num_warps, use_asm=True, maxnreg=args.maxnreg)
         try:
-            td.decode_attention(c["q"], c["cache"], c["scales"], q_positions=c["q_positions"],
-                                key_lengths=c["key_lengths"], null_k=c["null_k"], null_v=c["null_v"],
-                                block_n=args.block_n, num_warps=args.num_warps, heads_per_program=args.hp)
+            dk.decode_attention(plan, c["q"], c["keys"], c["value"], scales=c["scales"], lengths=c["lengths"],
+                                q_positions=c["q_positions"], null_k=c["null_k"], null_v=c["null_v"])
         except Exception as e:  # the stand-in launch returns None; a compile error is what we look for
             if "NoneType" not in repr(e):
                 raise
+        print(f"{name}: {plan.describe()}")
         for k in kernels:
             for compiled in k.device_caches[0][0].values():
-                ptx = compiled.asm["ptx"]
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                    f.write(ptx)
-                res = subprocess.run([ptxas, f"-arch=sm_{args.arch}a" if args.arch == 90 else f"-arch=sm_{args.arch}",
-                                      "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-                info = " ".join(re.findall(r"(Used \d+ registers|\d+ bytes stack frame|\d+ bytes spill stores"
-                                           r"|\d+ bytes spill loads)", res.stderr))
+                with tempfile.TemporaryDirectory() as tmp:
+                    cubin = os.path.join(tmp, "k.cubin")
+                    with open(cubin, "wb") as f:
+                        f.write(compiled.asm["cubin"])
+                    sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin],
+                                          capture_output=True, text=True).stdout
+                    usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin],
+                                           capture_output=True, text=True).stdout
+                info = " ".join(re.findall(r"(REG:\d+|STACK:\d+|LOCAL:\d+)", usage))
+                n, ops = loop_stats(sass)
                 cvt = len(re.findall(r"convert_layout", compiled.asm["ttgir"]))
-                print(f"{name:24s} {k.fn.__name__:15s} {info}  convert_layout={cvt} "
-                      f"shared={compiled.metadata.shared}" + (f"  {spec}" if name.startswith("grid") else ""))
+                line = f"  {k.fn.__name__:13s} {info} convert_layout={cvt} shared={compiled.metadata.shared}"
+                if k is dj.split_kernel:
+                    line += (f"\n    loop: {n} SASS per tile, {n / plan.block_n:.1f} per token; " +
+                             " ".join(f"{op}={ops[op]}" for op in _OPS if ops[op]))
+                print(line)
                 if args.dump:
                     os.makedirs(args.dump, exist_ok=True)
-                    for ext in ("ttgir", "ptx"):
+                    for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
                         with open(os.path.join(args.dump, f"{name}.{k.fn.__name__}.{ext}"), "w") as out:
-                            out.write(compiled.asm[ext])
+                            out.write(text)
 
 
 if __name__ == "__main__":

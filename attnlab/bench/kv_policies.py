@@ -1,5 +1,5 @@
 """Cache policies side by side: KV bytes/token (analytic from the formats vs allocated by the
-cache tensors) and held-out NLL through cached decode."""
+decode runtime's cache tensors) and held-out NLL through cached decode."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def default_policies(model) -> list[str]:
 class PolicyRow:
     policy: str
     bytes_per_token: int             # analytic, all layers, one sequence
-    allocated_per_token: float       # bytes_allocated / (batch * length)
-    slack_bytes: int                 # capacity allocated ahead of use (geometric growth)
+    allocated_per_token: float       # bytes_allocated / (batch * length): analytic + tail ring share
+    slack_bytes: int                 # capacity allocated beyond the window (0: runtimes are sized to it)
     tail_bytes: int
     nll: float
     ppl: float
@@ -44,8 +44,8 @@ def compare_policies(model, windows: torch.Tensor, policies: list[str], batch_si
     rows = []
     for text in policies:
         policy = CachePolicy.parse(text)
-        result, cache = cached_decode_nll(model, windows, policy, batch_size)
-        report = cache.report()
+        result, runtime = cached_decode_nll(model, windows, policy, batch_size)
+        report = runtime.report()
         rows.append(PolicyRow(policy.label, report.bytes_per_token,
                               report.bytes_allocated / (report.batch * report.max_length),
                               report.slack_bytes, report.tail_bytes, result.nll, result.ppl,

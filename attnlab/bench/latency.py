@@ -1,11 +1,14 @@
 """Latency: prefill tokens/s and decode ms/token over prompt lengths x generation lengths.
 
-Prefill of a prompt longer than ``block_size`` goes in chunks through a fresh cache (created
-untimed in ``setup``). Decode is timed as a whole loop of ``gen_len`` greedy single-token steps
-after an untimed prefill, so it never includes the prefill.
+Every measurement goes through one ``DecodeRuntime`` per prompt length, allocated (untimed) for
+the prompt plus the longest generation. Prefill of a prompt longer than ``block_size`` goes in
+chunks (``runtime.forward``); each repeat starts from ``runtime.reset()`` in the untimed setup.
+Decode is timed as a whole loop of ``gen_len`` greedy ``runtime.step`` calls (CUDA-graph replays
+on CUDA) after an untimed prefill, so it never includes the prefill; the device is synchronised
+only around the timed loop, and the graph is captured in the untimed setup.
 
 The small helpers below (policy resolution, benchmark tokens, chunked prefill, device sync,
-greedy step) are shared by the memory, context-sweep, quality and lm-eval modules.
+greedy step, warm-up step) are shared by the memory, context-sweep, quality and lm-eval modules.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import torch
 from attnlab.bench.context import BenchContext
 from attnlab.bench.kv_policies import default_policies
 from attnlab.bench.timing import time_fn
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
 from attnlab.config.bench import LatencyBench
 from attnlab.errors import ConfigError
+from attnlab.infer.runtime import DecodeRuntime
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -65,13 +69,13 @@ def bench_tokens(ctx: BenchContext, length: int, batch: int = 1, seed: int = 0) 
     return ids.to(ctx.device)
 
 
-def chunked_prefill(model, cache: ModelCache, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Feed ``ids`` (B, T) through ``cache`` in chunks of ``chunk`` tokens (default block_size);
-    returns the logits of the last chunk (B, t_last, V)."""
-    size = chunk_size(model, chunk)
+def chunked_prefill(runtime: DecodeRuntime, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Append ``ids`` (B, T) to the runtime's sequences in chunks of ``chunk`` tokens (default
+    block_size) through ``runtime.forward``; returns the logits of the last chunk (B, t_last, V)."""
+    size = chunk_size(runtime.model, chunk)
     logits = None
     for start in range(0, ids.shape[1], size):
-        logits = model(ids[:, start: start + size], cache=cache)
+        logits = runtime.forward(ids[:, start: start + size])
     assert logits is not None, "chunked_prefill needs at least one token"
     return logits
 
@@ -82,37 +86,53 @@ def sync(device: torch.device) -> None:
 
 
 def greedy_next(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 1) argmax token of the last position of ``logits`` (B, T, V); stays on device."""
+    """(B, 1) argmax token of the last position of ``logits`` (B, T, V), or of ``runtime.step``'s
+    logits (B, V); a new tensor on the device (the step's output buffer may be reused)."""
+    if logits.dim() == 2:
+        return logits.argmax(dim=-1, keepdim=True)
     return logits[:, -1:].argmax(dim=-1)
+
+
+def warm_up_step(runtime: DecodeRuntime, token: torch.Tensor) -> None:
+    """One untimed ``runtime.step`` and the lengths put back: on CUDA the step's graph is captured
+    (and its kernels compiled) here, outside any timed region. The rows it wrote lie past each
+    length; the next step writes the same positions again."""
+    lengths = runtime.host_lengths
+    runtime.step(token)
+    runtime.set_lengths(lengths)
 
 
 # ---------------------------------------------------------------- benchmark
 class _Runner:
-    """Timed prefill and decode of one prompt; each repeat starts from a fresh cache built in
-    the untimed setup (the decode setup also prefills, untimed)."""
+    """Timed prefill and decode of one prompt through one runtime (allocated once for the prompt
+    plus ``max_new`` tokens); each repeat starts from ``reset`` in the untimed setup (the decode
+    setup also prefills, untimed)."""
 
-    def __init__(self, model, policy: CachePolicy, prompt: torch.Tensor, device: torch.device):
-        self.model, self.policy, self.prompt, self.device = model, policy, prompt, device
-        self.cache: ModelCache | None = None
+    def __init__(self, model, policy: CachePolicy, prompt: torch.Tensor, device: torch.device, max_new: int):
+        self.prompt, self.device = prompt, device
+        self.runtime = DecodeRuntime(model, policy, batch=prompt.shape[0], max_length=prompt.shape[1] + max_new)
         self.next: torch.Tensor | None = None
         self.steps = 0
+        self._warm = False
 
-    def fresh_cache(self) -> None:
-        self.cache = None  # free the previous cache before allocating the next
-        self.cache = ModelCache.for_model(self.model, self.policy, batch=self.prompt.shape[0])
+    def reset(self) -> None:
+        self.runtime.reset()
 
     def prefill(self) -> None:
-        self.next = greedy_next(chunked_prefill(self.model, self.cache, self.prompt))
+        self.next = greedy_next(chunked_prefill(self.runtime, self.prompt))
 
-    def prefilled_cache(self) -> None:
-        self.fresh_cache()
+    def prefilled(self) -> None:
+        self.reset()
         self.prefill()
+        if not self._warm:  # capture the step's CUDA graph before the first timed loop
+            warm_up_step(self.runtime, self.next)
+            self._warm = True
         sync(self.device)
 
     def decode(self) -> None:
-        token, cache = self.next, self.cache
+        token, runtime = self.next, self.runtime
         for _ in range(self.steps):
-            token = greedy_next(self.model(token, cache=cache))
+            token = greedy_next(runtime.step(token))
         self.next = token
 
 
@@ -124,8 +144,9 @@ def run_latency(cfg: LatencyBench, ctx: BenchContext) -> list[dict]:
     prefill_median_s, prefill_p10_s, prefill_p90_s, prefill_tokens_per_s`` (batch * prompt_len /
     median), ``decode_ms_per_token, decode_p10_ms_per_token, decode_p90_ms_per_token,
     decode_tokens_per_s`` (batch / median step), ``kv_bytes_per_token`` (analytic, one sequence,
-    all layers), ``kv_bytes_allocated`` (after prefill + decode). With ``gen_len == 0`` the
-    decode columns are None."""
+    all layers), ``kv_bytes_allocated`` (the runtime's cache, preallocated for the batch of
+    ``prompt_len`` + the longest gen_len tokens: bytes_per_token x batch x that + tail ring).
+    With ``gen_len == 0`` the decode columns are None."""
     policy = resolve_policy(cfg.policy, ctx)
     batch = cfg.batch_size
     for i, prompt_len in enumerate(cfg.prompt_lengths):
@@ -137,8 +158,9 @@ def run_latency(cfg: LatencyBench, ctx: BenchContext) -> list[dict]:
     timing = {"warmup": cfg.warmup, "repeats": cfg.repeats, "device": ctx.device}
     rows: list[dict] = []
     for i, prompt_len in enumerate(cfg.prompt_lengths):
-        run = _Runner(ctx.model, policy, bench_tokens(ctx, prompt_len, batch, seed=i), ctx.device)
-        pre = time_fn(run.prefill, setup=run.fresh_cache, **timing)
+        run = _Runner(ctx.model, policy, bench_tokens(ctx, prompt_len, batch, seed=i), ctx.device,
+                      max(cfg.gen_lengths, default=0))
+        pre = time_fn(run.prefill, setup=run.reset, **timing)
         for gen_len in cfg.gen_lengths:
             row = {"prompt_len": prompt_len, "gen_len": gen_len, "batch_size": batch, "policy": policy.label,
                    "warmup": cfg.warmup, "repeats": cfg.repeats,
@@ -148,12 +170,12 @@ def run_latency(cfg: LatencyBench, ctx: BenchContext) -> list[dict]:
                    "decode_p90_ms_per_token": None, "decode_tokens_per_s": None}
             if gen_len > 0:
                 run.steps = gen_len
-                dec = time_fn(run.decode, setup=run.prefilled_cache, **timing)
+                dec = time_fn(run.decode, setup=run.prefilled, **timing)
                 ms = 1000.0 * dec.median_s / gen_len
                 row.update(decode_ms_per_token=ms, decode_p10_ms_per_token=1000.0 * dec.p10_s / gen_len,
                            decode_p90_ms_per_token=1000.0 * dec.p90_s / gen_len,
                            decode_tokens_per_s=1000.0 * batch / ms if ms > 0 else None)
-            report = run.cache.report()
+            report = run.runtime.report()
             row.update(kv_bytes_per_token=report.bytes_per_token, kv_bytes_allocated=report.bytes_allocated)
             rows.append(row)
     return rows

@@ -18,7 +18,8 @@ The harness API (``lm_eval.api.model.LM``): each request is an ``Instance`` whos
   string.
 
 Log-likelihoods use full forwards (as ``bench.downstream`` does); generation decodes through a
-cache under ``cache_policy``, so it measures the effect of a quantized KV cache. Sampling
+``DecodeRuntime`` under ``cache_policy`` (one kept across requests, reset between them), so it
+measures the effect of a quantized KV cache. Sampling
 arguments (``do_sample``, ``temperature``) are ignored: generation is greedy.
 """
 
@@ -30,8 +31,9 @@ import torch
 
 from attnlab.bench.downstream import encode_pair, score_requests
 from attnlab.bench.latency import chunked_prefill, greedy_next
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
 from attnlab.errors import AttnlabError
+from attnlab.infer.runtime import DecodeRuntime
 
 DEFAULT_MAX_GEN_TOKS = 256
 #: generation-length keys of ``gen_kwargs``, by the harness's priority
@@ -79,6 +81,7 @@ class AttnlabLMCore:
         eot = getattr(tokenizer, "eot_id", None)
         self._prefix = prefix_token_id if prefix_token_id is not None else (eot if eot is not None else 0)
         self._batch_size = batch_size
+        self._runtime: DecodeRuntime | None = None  # reused by generate_until (its CUDA graph too)
 
     # ------------------------------------------------------------ properties the harness reads
     @property
@@ -175,10 +178,9 @@ class AttnlabLMCore:
         positions extrapolate past block_size)."""
         if max_new <= 0:
             return ""
-        model, device = self.model, self.device
-        cache = ModelCache.for_model(model, self.cache_policy, batch=1)
-        prompt = torch.tensor([ids[-self._max_length:]], device=device)
-        token = greedy_next(chunked_prefill(model, cache, prompt))
+        prompt = torch.tensor([ids[-self._max_length:]], device=self.device)
+        runtime = self._decode_runtime(prompt.shape[1] + max_new)
+        token = greedy_next(chunked_prefill(runtime, prompt))
         new: list[int] = []
         stop_id = self.eot_token_id
         while True:
@@ -189,12 +191,22 @@ class AttnlabLMCore:
             text = self.tok_decode(new)
             if any(s and s in text for s in until) or len(new) >= max_new:
                 break
-            token = greedy_next(model(token, cache=cache))
+            token = greedy_next(runtime.step(token))
         text = self.tok_decode(new)
         for stop in until:
             if stop:
                 text = text.split(stop)[0]
         return text
+
+    def _decode_runtime(self, max_length: int) -> DecodeRuntime:
+        """The kept batch-1 runtime, reset; rebuilt when a request needs more positions."""
+        runtime = self._runtime
+        if runtime is None or runtime.max_length < max_length:
+            self._runtime = None  # free the old cache before allocating the new one
+            runtime = self._runtime = DecodeRuntime(self.model, self.cache_policy, batch=1, max_length=max_length)
+        else:
+            runtime.reset()
+        return runtime
 
 
 _CLASS = None

@@ -1,5 +1,6 @@
-"""KV-cache memory: analytic bytes vs bytes allocated by a real cache, peak device memory, and the
-long-context decomposition
+"""KV-cache memory: analytic bytes vs bytes allocated by a real cache (a ``DecodeRuntime``
+preallocated for the context: exactly the analytic bytes, plus the exact-tail ring), peak device
+memory, and the long-context decomposition
 
     standard_fp16  --architecture-->  arch_fp16  --quantization-->  arch_policy
 
@@ -23,6 +24,7 @@ from attnlab.bench.latency import (
     sync,
 )
 from attnlab.cache import CachePolicy, LayerCache, ModelCache
+from attnlab.infer.runtime import DecodeRuntime
 from attnlab.config.attention import (
     AttentionDims,
     StandardAttentionConfig,
@@ -73,34 +75,36 @@ def config_dims(cfg: ModelConfig) -> list[AttentionDims]:
 
 
 def analytic(dims: list[AttentionDims], policy: CachePolicy, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes per token of one sequence over all layers, fixed tail-window bytes) from the
-    formats: the cache's own accounting, built on the meta device (no memory)."""
+    """(bytes per token of one sequence over all layers, fixed tail-ring bytes) from the
+    formats: the cache's own accounting, built on the meta device (no memory; the capacity does
+    not change either number)."""
     policy.check_fields(dims)
     meta = torch.device("meta")
-    cache = ModelCache([LayerCache(d, policy, 1, meta, dtype) for d in dims], 1, policy)
-    report = cache.report()
+    cache = ModelCache([LayerCache(d, policy, 1, 1, meta, dtype) for d in dims], 1, 1, policy)
+    report = cache.report(0)
     return report.bytes_per_token, report.tail_bytes
 
 
 def measure(model, policy: CachePolicy, ctx: BenchContext, context: int, chunk: int | None) -> dict:
-    """Prefill ``context`` tokens into a fresh batch-1 cache: bytes the cache allocated, its
-    slack (capacity not yet filled), and on CUDA the peak device-memory increase over the
-    prefill (cache + activations)."""
+    """Prefill ``context`` tokens into a batch-1 runtime allocated for ``context`` positions:
+    the field storage its cache allocated (``measured_bytes``: bytes_per_token x context, as the
+    estimate), its exact-tail ring (``measured_tail_bytes``), and on CUDA the peak device-memory
+    increase over allocation and prefill (cache + activations)."""
     ids = bench_tokens(ctx, context, 1)
     cuda = ctx.device.type == "cuda"
     if cuda:
         sync(ctx.device)
         torch.cuda.reset_peak_memory_stats(ctx.device)
         base = torch.cuda.memory_allocated(ctx.device)
-    cache = ModelCache.for_model(model, policy, batch=1)
-    chunked_prefill(model, cache, ids, chunk)
+    runtime = DecodeRuntime(model, policy, batch=1, max_length=context)
+    chunked_prefill(runtime, ids, chunk)
     peak = None
     if cuda:
         sync(ctx.device)
         peak = torch.cuda.max_memory_allocated(ctx.device) - base
-    report = cache.report()
-    del cache, ids
-    return {"measured_bytes": report.bytes_allocated, "slack_bytes": report.slack_bytes,
+    report = runtime.report()
+    del runtime, ids
+    return {"measured_bytes": report.bytes_allocated - report.tail_bytes, "measured_tail_bytes": report.tail_bytes,
             "peak_device_bytes": peak}
 
 
@@ -123,11 +127,12 @@ def run_memory(cfg: MemoryBench, ctx: BenchContext) -> list[dict]:
     """Three rows per context (``config`` = standard_fp16 | arch_fp16 | arch_policy):
 
     ``context, config, policy, bytes_per_token`` (analytic, one sequence, all layers),
-    ``tail_bytes`` (fixed full-precision tail window, 0 without ``tail``), ``estimate_bytes``
-    (bytes_per_token x context + tail_bytes), ``measured_bytes`` (allocated by a real cache after
-    prefilling ``context`` tokens; None beyond ``measure_up_to``), ``slack_bytes`` (allocated
-    capacity not yet filled; None when not measured), ``peak_device_bytes`` (CUDA peak increase
-    during the prefill; None on CPU or when not measured), and ``ratio_architecture``
+    ``tail_bytes`` (fixed full-precision tail ring, 0 without ``tail``), ``estimate_bytes``
+    (bytes_per_token x context + tail_bytes), ``measured_bytes`` (field storage a decode runtime
+    preallocated for ``context`` tokens, measured after prefilling them: equals bytes_per_token x
+    context; None beyond ``measure_up_to``), ``measured_tail_bytes`` (the tail ring it allocated:
+    equals tail_bytes; None when not measured), ``peak_device_bytes`` (CUDA peak increase over
+    allocation and prefill; None on CPU or when not measured), and ``ratio_architecture``
     (standard_fp16 / arch_fp16), ``ratio_quantization`` (arch_fp16 / arch_policy),
     ``ratio_end_to_end`` (standard_fp16 / arch_policy) from the estimates — set on arch_policy
     rows, None on the others."""
@@ -153,7 +158,7 @@ def run_memory(cfg: MemoryBench, ctx: BenchContext) -> list[dict]:
             pol, (bpt, tail) = setups[name]
             row = {"context": context, "config": name, "policy": pol.label, "bytes_per_token": bpt,
                    "tail_bytes": tail, "estimate_bytes": estimates[name], "measured_bytes": None,
-                   "slack_bytes": None, "peak_device_bytes": None, "ratio_architecture": None,
+                   "measured_tail_bytes": None, "peak_device_bytes": None, "ratio_architecture": None,
                    "ratio_quantization": None, "ratio_end_to_end": None}
             if context <= cfg.measure_up_to:
                 row.update(measure(std_model if name == "standard_fp16" else model, pol, ctx, context, chunk))

@@ -1,6 +1,6 @@
 """Held-out negative log-likelihood: by full forward, and by cached decode under a cache policy
-(every token goes through the cache one step at a time, so attention reads the stored — possibly
-quantized — keys and values exactly as generation does)."""
+(every token goes through a ``DecodeRuntime`` one step at a time, so attention reads the stored —
+possibly quantized — keys and values exactly as generation does)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
+from attnlab.infer.runtime import DecodeRuntime
 
 
 @dataclass
@@ -54,22 +55,27 @@ def forward_nll(model, windows: torch.Tensor, batch_size: int = 8) -> NLLResult:
 
 @torch.no_grad()
 def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | None,
-                      batch_size: int = 8, prefill: int = 1) -> tuple[NLLResult, ModelCache]:
-    """NLL when the first ``prefill`` tokens of each window are prefilled and every later token is
-    fed one decode step at a time through a cache under ``policy``. Returns the last batch's
-    cache too (for byte accounting)."""
+                      batch_size: int = 8, prefill: int = 1) -> tuple[NLLResult, DecodeRuntime]:
+    """NLL when the first ``prefill`` tokens of each window are prefilled (``runtime.forward``)
+    and every later token is fed one ``runtime.step`` at a time, through a runtime under
+    ``policy`` sized to the window. Returns the last batch's runtime too (for byte accounting)."""
     device = next(model.parameters()).device
-    total, count, cache = 0.0, 0, None
+    length = windows.shape[1] - 1
+    total, count, runtime = torch.zeros((), dtype=torch.float64, device=device), 0, None
     for i in range(0, len(windows), batch_size):
         w = windows[i: i + batch_size].to(device)
-        cache = ModelCache.for_model(model, policy, batch=len(w))
-        logits = [model(w[:, :prefill], cache=cache)]
-        for t in range(prefill, w.shape[1] - 1):
-            logits.append(model(w[:, t: t + 1], cache=cache))
-        logits = torch.cat(logits, dim=1).float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        if runtime is None or runtime.batch != len(w):
+            runtime = None  # free the previous cache first
+            runtime = DecodeRuntime(model, policy, batch=len(w), max_length=length)
+        else:
+            runtime.reset()
+        logits = runtime.forward(w[:, :prefill]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1: prefill + 1].flatten(), reduction="sum").double()
+        for t in range(prefill, length):
+            # consumed before the next step (the step's logits buffer is reused)
+            total += F.cross_entropy(runtime.step(w[:, t]).float(), w[:, t + 1], reduction="sum").double()
         count += w[:, 1:].numel()
-    return NLLResult(total / count, count, len(windows)), cache
+    return NLLResult(total.item() / count, count, len(windows)), runtime
 
 
 def run_perplexity(cfg, ctx) -> list[dict]:

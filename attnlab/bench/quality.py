@@ -4,10 +4,10 @@
 - ``run:<id>``: another run of the group (``ctx.load_reference(id)``), decoding through an fp16
   cache (e.g. a distilled or upcycled student against its teacher).
 
-Both decode the same held-out windows token by token through their caches (as
-``perplexity.cached_decode_nll`` does), and at every position we compare the next-token
-distributions: top-k overlap ``|topk_a ∩ topk_b| / k``, top-1 agreement, and
-``KL(reference || model)`` in nats. Then both greedy-generate from the same prompts and we count
+Both decode the same held-out windows token by token through their decode runtimes
+(``DecodeRuntime.step``, as ``perplexity.cached_decode_nll`` does), and at every position we
+compare the next-token distributions: top-k overlap ``|topk_a ∩ topk_b| / k``, top-1
+agreement, and ``KL(reference || model)`` in nats. Then both greedy-generate from the same prompts and we count
 identical tokens up to the first divergence and overall.
 """
 
@@ -19,9 +19,10 @@ import torch
 from attnlab.bench.context import BenchContext
 from attnlab.bench.latency import chunked_prefill, greedy_next, resolve_policy
 from attnlab.bench.perplexity import eval_windows
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
 from attnlab.config.bench import QualityBench
 from attnlab.errors import AttnlabError, DataError
+from attnlab.infer.runtime import DecodeRuntime
 
 BATCH = 8
 
@@ -63,13 +64,20 @@ def compare_distributions(model, policy: CachePolicy, ref, ref_policy: CachePoli
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # overlap, top1, kl, nll, ref_nll
     kl_max = torch.zeros((), dtype=torch.float64, device=device)
     positions = 0
+    length = windows.shape[1] - 1
+    runtime = ref_runtime = None
     for i in range(0, len(windows), batch_size):
         w = windows[i: i + batch_size].to(device)
-        cache = ModelCache.for_model(model, policy, batch=len(w))
-        ref_cache = ModelCache.for_model(ref, ref_policy, batch=len(w))
-        for t in range(w.shape[1] - 1):
-            logp = torch.log_softmax(model(w[:, t: t + 1], cache=cache)[:, -1].float(), dim=-1)  # (B, V)
-            ref_logp = torch.log_softmax(ref(w[:, t: t + 1], cache=ref_cache)[:, -1].float(), dim=-1)
+        if runtime is None or runtime.batch != len(w):  # one pair of runtimes per batch size, reset between
+            runtime = DecodeRuntime(model, policy, batch=len(w), max_length=length)
+            ref_runtime = DecodeRuntime(ref, ref_policy, batch=len(w), max_length=length)
+        else:
+            runtime.reset()
+            ref_runtime.reset()
+        for t in range(length):
+            # log_softmax makes new tensors: each step's output buffer is consumed before the next step
+            logp = torch.log_softmax(runtime.step(w[:, t]).float(), dim=-1)  # (B, V)
+            ref_logp = torch.log_softmax(ref_runtime.step(w[:, t]).float(), dim=-1)
             top, ref_top = logp.topk(k, dim=-1).indices, ref_logp.topk(k, dim=-1).indices  # (B, k)
             overlap = (top[:, :, None] == ref_top[:, None, :]).any(-1).sum(-1).double() / k
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).double().clamp_min(0.0)
@@ -85,12 +93,13 @@ def compare_distributions(model, policy: CachePolicy, ref, ref_policy: CachePoli
 
 @torch.no_grad()
 def greedy_tokens(model, policy: CachePolicy, prompts: torch.Tensor, count: int) -> torch.Tensor:
-    """(B, count) greedy continuation of ``prompts`` (B, P) through a cache under ``policy``."""
-    cache = ModelCache.for_model(model, policy, batch=len(prompts))
-    token = greedy_next(chunked_prefill(model, cache, prompts.to(next(model.parameters()).device)))
+    """(B, count) greedy continuation of ``prompts`` (B, P) through a decode runtime under
+    ``policy`` (chunked prefill, then ``count - 1`` steps)."""
+    runtime = DecodeRuntime(model, policy, batch=len(prompts), max_length=prompts.shape[1] + max(count - 1, 0))
+    token = greedy_next(chunked_prefill(runtime, prompts.to(next(model.parameters()).device)))
     out = [token]
     for _ in range(count - 1):
-        token = greedy_next(model(token, cache=cache))
+        token = greedy_next(runtime.step(token))
         out.append(token)
     return torch.cat(out, dim=1)
 

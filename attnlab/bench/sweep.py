@@ -1,7 +1,9 @@
-"""Context sweep: for each length, chunked prefill of held-out tokens into a fresh cache, the
-teacher-forced loss of the last chunk, the time of the prefill and of its last chunk, and decode
-step latency at that context. Any failure at a point (out of memory, ...) is recorded as a row
-with ``ok=False`` and the sweep goes on with the next length."""
+"""Context sweep: for each length, chunked prefill of held-out tokens into a fresh decode runtime
+(its cache allocated once for the length plus the decode steps), the teacher-forced loss of the
+last chunk, the time of the prefill and of its last chunk, and decode step latency at that
+context (``runtime.step``: CUDA-graph replays on CUDA, the graph captured by an untimed warm-up
+step). Any failure at a point (out of memory, ...) is recorded as a row with ``ok=False`` and
+the sweep goes on with the next length."""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from attnlab.bench.latency import (
     greedy_next,
     resolve_policy,
     sync,
+    warm_up_step,
 )
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
 from attnlab.config.bench import ContextSweepBench
 from attnlab.errors import ConfigError
+from attnlab.infer.runtime import DecodeRuntime
 
 _MEASURES = ("prefill_s", "prefill_tokens_per_s", "last_chunk_tokens", "last_chunk_ms", "last_chunk_loss",
              "last_chunk_ppl", "decode_ms", "kv_bytes_per_token", "kv_bytes_allocated", "peak_device_bytes")
@@ -39,26 +43,28 @@ def sweep_point(model, policy: CachePolicy, ids: torch.Tensor, chunk: int, decod
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    cache = ModelCache.for_model(model, policy, batch=1)
+    runtime = DecodeRuntime(model, policy, batch=1, max_length=length + decode_tokens)
     last_start = ((length - 1) // chunk) * chunk
     sync(device)
     t0 = time.perf_counter()
     for start in range(0, last_start, chunk):
-        model(ids[:, start: start + chunk], cache=cache)
+        runtime.forward(ids[:, start: start + chunk])
     sync(device)
     t1 = time.perf_counter()
-    logits = model(ids[:, last_start: length], cache=cache)  # (1, t_last, V)
+    logits = runtime.forward(ids[:, last_start: length])  # (1, t_last, V)
     sync(device)
     t2 = time.perf_counter()
     loss = F.cross_entropy(logits[0].float(), ids[0, last_start + 1: length + 1]).item()
-    report = cache.report()
+    report = runtime.report()
 
     steps = []
     token = greedy_next(logits)
+    if decode_tokens:
+        warm_up_step(runtime, token)  # graph capture and kernel compiles, untimed
     for _ in range(decode_tokens):
         sync(device)
         t = time.perf_counter()
-        token = greedy_next(model(token, cache=cache))
+        token = greedy_next(runtime.step(token))
         sync(device)
         steps.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
@@ -82,7 +88,8 @@ def run_context_sweep(cfg: ContextSweepBench, ctx: BenchContext) -> list[dict]:
     ``last_chunk_ms`` (forward of the last chunk), ``last_chunk_loss`` (mean next-token NLL over
     the last chunk's predictions, nats) and ``last_chunk_ppl``, ``decode_ms`` (median of
     ``decode_tokens`` greedy single-token steps after the prefill), ``kv_bytes_per_token``
-    (analytic), ``kv_bytes_allocated`` (after the prefill), ``peak_device_bytes`` (CUDA peak
+    (analytic), ``kv_bytes_allocated`` (the runtime's preallocated cache: bytes_per_token x
+    (length + decode_tokens) + tail ring), ``peak_device_bytes`` (CUDA peak
     increase over the point; None on CPU). Failed points have None measurements."""
     model = ctx.model
     chunk = chunk_size(model, cfg.chunk)

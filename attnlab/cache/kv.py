@@ -1,8 +1,14 @@
-"""Per-layer caches of named fields and the whole-model cache (lengths, rollback, accounting)."""
+"""Per-layer caches of named fields, the whole-model cache, and one forward's cache step.
+
+Storage is allocated once for ``capacity`` positions (``FieldStore``/``TailWindow``); how many
+tokens each sequence holds is the decode runtime's bookkeeping (``infer.runtime``), which it
+hands to the model as a ``CacheStep`` per forward. The model writes the new tokens where the
+step says and reads keys below ``step.lengths``; it never changes lengths.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,41 +18,86 @@ from attnlab.config.attention import AttentionDims
 from attnlab.errors import AttnlabError
 
 
+@dataclass
+class CacheStep:
+    """Where one forward's T new tokens go. Device tensors (B,) int32: ``offsets`` (first new
+    position), ``valid`` (real new tokens; the rest of the T are right padding and are not
+    stored), ``lengths`` = offsets + valid (keys visible after the write); ``positions`` (B, T)
+    int64. ``max_length``: a host upper bound of ``lengths`` (kernel planning). ``host_offsets``/
+    ``host_valid``: the same numbers as lists when the runtime runs eagerly (None inside a
+    captured CUDA graph, where only device-side paths may run)."""
+
+    offsets: torch.Tensor
+    valid: torch.Tensor
+    lengths: torch.Tensor
+    positions: torch.Tensor
+    max_length: int
+    host_offsets: list[int] | None = None
+    host_valid: list[int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[1]
+
+    @classmethod
+    def eager(cls, offsets: list[int], valid: list[int], t_len: int, device: torch.device) -> "CacheStep":
+        off = torch.tensor(offsets, dtype=torch.int32, device=device)
+        val = torch.tensor(valid, dtype=torch.int32, device=device)
+        positions = off.to(torch.long).unsqueeze(1) + torch.arange(t_len, device=device)
+        return cls(off, val, off + val, positions, max(o + n for o, n in zip(offsets, valid)),
+                   list(offsets), list(valid))
+
+
 def _rows(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.transpose(1, 2).flatten(2) for name, t in fields.items()}  # (B, T, KV * hd)
 
 
 class LayerCache:
     """One attention layer's cache: a ``FieldStore`` per field (``k`` | ``k_sem``, ``k_geo``;
-    and ``v``) in its policy format, plus the optional full-precision tail window. Geometric keys
-    are stored after RoPE."""
+    and ``v``) in its policy format, plus the optional full-precision tail ring. Geometric keys
+    are stored after RoPE. ``kernel_plans``: per-shape kernel plans (layouts, scratch buffers)
+    that ``attnlab.kernels`` computes once and reuses."""
 
-    def __init__(self, dims: AttentionDims, policy: CachePolicy, batch: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype):
         self.dims = dims
         self.tail = policy.tail
+        self.batch = batch
+        self.capacity = capacity
+        self.dtype = dtype
         native = native_format(dtype)
         self.row_lengths = {name: dims.num_kv_heads * hd for name, hd in dims.cache_fields.items()}
         self.formats = {name: policy.format_for(name, native) for name in self.row_lengths}
-        self.stores = {name: FieldStore(self.formats[name], n, batch, device, dtype)
+        self.stores = {name: FieldStore(self.formats[name], n, batch, capacity, device, dtype)
                        for name, n in self.row_lengths.items()}
         self.window = (TailWindow(policy.tail + policy.rollback, self.row_lengths, batch, device, dtype)
                        if policy.tail else None)
+        self.kernel_plans: dict = {}
 
-    def write(self, offsets: list[int], valid: list[int], fields: dict[str, torch.Tensor], *,
-              include_tail: bool = True) -> None:
-        """Store new tokens: ``fields[name]`` is (B, KV, T, head_dim). With ``include_tail=False``
-        the exact tail window is left for ``write_tail`` (called after attention has read the
-        older exact tokens a multi-token chunk would otherwise overwrite)."""
+    def write(self, step: CacheStep, fields: dict[str, torch.Tensor], *, include_tail: bool = True) -> None:
+        """Store new tokens (torch path): ``fields[name]`` is (B, KV, T, head_dim). With
+        ``include_tail=False`` the exact tail ring is left for ``write_tail`` (called after
+        attention has read the older exact tokens a multi-token chunk would otherwise evict)."""
         rows = _rows(fields)
+        if step.host_offsets is None:  # inside a graph: one token per sequence, every row valid
+            assert step.num_tokens == 1, "device-side cache writes take one token per sequence"
+            for name, store in self.stores.items():
+                store.write_at(step.offsets, rows[name])
+            if include_tail and self.window is not None:
+                self.window.write_at(step.offsets, rows)
+            return
         for name, store in self.stores.items():
-            store.write(offsets, rows[name])
+            store.write(step.host_offsets, step.host_valid, rows[name])
         if include_tail:
-            self.write_tail(offsets, valid, fields)
+            self.write_tail(step, fields)
 
-    def write_tail(self, offsets: list[int], valid: list[int], fields: dict[str, torch.Tensor]) -> None:
-        if self.window is not None:
-            self.window.write(offsets, valid, _rows(fields))
+    def write_tail(self, step: CacheStep, fields: dict[str, torch.Tensor]) -> None:
+        if self.window is None:
+            return
+        if step.host_offsets is None:
+            self.window.write_at(step.offsets, _rows(fields))
+        else:
+            self.window.write(step.host_offsets, step.host_valid, _rows(fields))
 
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
         """Positions start..end-1 of field ``name`` as stored (dequantized): (B, KV, c, head_dim)."""
@@ -56,10 +107,10 @@ class LayerCache:
                    fresh: torch.Tensor | None) -> torch.Tensor:
         """Positions start..end-1 at full precision where it is kept: positions >= offsets[b]
         (this forward's tokens) from ``fresh`` (B, KV, T, head_dim), older ones from the tail
-        window; positions neither covers come back as stored (callers never use them as exact)."""
+        ring; positions neither covers come back as stored (callers never use them as exact)."""
         chunk = self.stores[name].read(start, end)
         if self.window is not None:
-            lengths = offsets  # the window holds tokens before this forward
+            lengths = offsets  # the ring holds tokens before this forward
             chunk = self.window.overlay(name, chunk, start, [max(0, n - self.window.size) for n in lengths], lengths)
         chunk = self._heads(chunk)
         if fresh is not None:
@@ -78,22 +129,20 @@ class LayerCache:
                                f"holds those tokens (raise the policy's rollback={self.window.size - self.tail})")
 
     def bytes_per_token(self) -> int:
-        """Steady-state bytes one token adds to this layer (per sequence), from the formats."""
+        """Bytes one token adds to this layer (per sequence), from the formats."""
         return sum(store.bytes_per_token() for store in self.stores.values())
 
     def bytes_allocated(self) -> int:
+        """Field storage plus the tail ring (kernel scratch buffers are not cache bytes)."""
         total = sum(store.bytes_allocated() for store in self.stores.values())
         return total + (self.window.bytes_allocated() if self.window is not None else 0)
-
-    @property
-    def capacity(self) -> int:
-        return min(store.capacity for store in self.stores.values())
 
 
 @dataclass
 class CacheReport:
-    """Analytic vs allocated bytes. ``expected = bytes_per_token * batch * capacity + tail``;
-    ``slack`` = capacity not yet filled (geometric growth)."""
+    """Analytic vs allocated bytes. Storage is allocated once for ``capacity`` positions, so
+    ``bytes_allocated == bytes_per_token * batch * capacity + tail_bytes`` exactly;
+    ``slack_bytes``: capacity not (yet) filled by the longest sequence."""
 
     bytes_per_token: int            # per sequence, all layers
     bytes_per_token_layer: list[int]
@@ -112,39 +161,33 @@ class CacheReport:
         return self.bytes_per_token * self.batch * self.max_length
 
 
+@dataclass
 class ModelCache:
-    """Caches of every attention layer plus per-sequence lengths (Python ints: no device syncs)."""
+    """Caches of every attention layer, allocated for ``batch`` sequences of ``capacity``
+    positions."""
 
-    def __init__(self, layers: list[LayerCache], batch: int, policy: CachePolicy):
-        self.layers = layers
-        self.lengths = [0] * batch
-        self.policy = policy
+    layers: list[LayerCache]
+    batch: int
+    capacity: int
+    policy: CachePolicy = field(default_factory=CachePolicy)
 
     @classmethod
-    def for_model(cls, model, policy: CachePolicy | str | None = None, batch: int = 1,
-                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelCache":
+    def for_model(cls, model, policy: CachePolicy | str | dict | None = None, batch: int = 1,
+                  capacity: int | None = None, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> "ModelCache":
         policy = CachePolicy.parse(policy)
         param = next(model.parameters())
         device = device if device is not None else param.device
         dtype = dtype if dtype is not None else param.dtype
+        capacity = capacity if capacity is not None else model.config.block_size
         dims = [layer.dims for layer in model.attention_layers()]
         policy.check_fields(dims)
-        return cls([LayerCache(d, policy, batch, device, dtype) for d in dims], batch, policy)
+        return cls([LayerCache(d, policy, batch, capacity, device, dtype) for d in dims], batch, capacity, policy)
 
-    @property
-    def batch(self) -> int:
-        return len(self.lengths)
-
-    def truncate(self, lengths: int | list[int]) -> None:
-        """Roll back to ``lengths`` tokens (speculative decoding). Stored rows are never touched;
-        the exact tail is checked to still hold the newest tokens."""
-        new = [lengths] * self.batch if isinstance(lengths, int) else list(lengths)
-        for b, (old, n) in enumerate(zip(self.lengths, new)):
-            if not 0 <= n <= old:
-                raise AttnlabError(f"truncate: sequence {b} has {old} tokens; cannot set length {n}")
+    def check_rollback(self, lengths: list[int]) -> None:
+        for b, n in enumerate(lengths):
             for layer in self.layers:
                 layer.check_rollback(b, n)
-        self.lengths = new
 
     def bytes_per_token(self) -> int:
         return sum(layer.bytes_per_token() for layer in self.layers)
@@ -152,8 +195,7 @@ class ModelCache:
     def bytes_allocated(self) -> int:
         return sum(layer.bytes_allocated() for layer in self.layers)
 
-    def report(self) -> CacheReport:
+    def report(self, max_length: int) -> CacheReport:
         tail = sum(layer.window.bytes_allocated() for layer in self.layers if layer.window is not None)
         return CacheReport(self.bytes_per_token(), [layer.bytes_per_token() for layer in self.layers],
-                           self.bytes_allocated(), tail, min(layer.capacity for layer in self.layers),
-                           max(self.lengths), self.batch)
+                           self.bytes_allocated(), tail, self.capacity, max_length, self.batch)

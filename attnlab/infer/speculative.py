@@ -15,7 +15,7 @@ lack (the previous round's last token, plus the draft's last proposal after a fu
 fed at the start of the next round. The target's single forward per round is therefore
 ``[pending token, x_1 .. x_k]``: its first row gives ``p_1`` (the distribution after the
 committed sequence), so no separate forward is needed for it. Rejected positions are rolled back
-with ``ModelCache.truncate``.
+with ``DecodeRuntime.truncate``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.cache import CachePolicy, CacheReport, ModelCache
+from attnlab.cache import CachePolicy, CacheReport
 from attnlab.errors import InputError
-from attnlab.infer.generate import (GREEDY, check_chunk_size, check_prompts, device_sync, format_cache, model_device,
-                                    prefill)
+from attnlab.infer.generate import GREEDY, check_max_new_tokens, device_sync, format_cache, model_device
+from attnlab.infer.inputs import check_chunk_size, check_prompts
+from attnlab.infer.runtime import DecodeRuntime
 from attnlab.infer.sampling import SamplingConfig, filtered_probs
 
 
@@ -116,22 +117,23 @@ class SpeculativeResult:
 
 # ---------------------------------------------------------------- decoding
 class _Stream:
-    """One model's cache plus how much of the committed sequence it holds."""
+    """One model's decode runtime plus how much of the committed sequence it holds."""
 
-    def __init__(self, model, policy, prompt: list[int], chunk: int | None):
-        self.model = model
+    def __init__(self, model, policy, prompt: list[int], chunk: int | None, max_length: int):
         self.device = model_device(model)
-        self.cache = ModelCache.for_model(model, policy, batch=1)
+        self.runtime = DecodeRuntime(model, policy, batch=1, max_length=max_length)
         if len(prompt) > 1:  # the last prompt token stays pending: the first round feeds it
-            prefill(model, self.cache, [prompt[:-1]], chunk)
+            self.runtime.prefill([prompt[:-1]], chunk)
 
     @property
     def length(self) -> int:
-        return self.cache.lengths[0]
+        return self.runtime.host_lengths[0]
 
     def forward(self, ids: list[int]) -> torch.Tensor:
-        """Append ``ids`` to the cache; logits (len(ids), V)."""
-        return self.model(torch.tensor([ids], device=self.device), cache=self.cache)[0]
+        """Append ``ids`` to the cache; logits (len(ids), V) (one token: a runtime step)."""
+        if len(ids) == 1:
+            return self.runtime.step(torch.tensor(ids, device=self.device))
+        return self.runtime.forward(torch.tensor([ids], device=self.device))[0]
 
 
 @torch.no_grad()
@@ -154,8 +156,7 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int,
         if width > model.config.block_size:
             raise InputError(f"speculative k={k}: the {name} would score {width} tokens in one forward, "
                              f"more than its block_size {model.config.block_size}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_chunk_size(target, prefill_chunk)
     check_chunk_size(draft, prefill_chunk)
     for name, policy in (("target", target_policy), ("draft", draft_policy)):
@@ -171,8 +172,9 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int,
 
     device_sync(device)
     t0 = time.perf_counter()
-    tgt = _Stream(target, target_policy, prompt, prefill_chunk)
-    dft = _Stream(draft, draft_policy, prompt, prefill_chunk)
+    room = len(prompt) + max_new_tokens + k + 1  # a round may score k + 1 tokens past the committed ones
+    tgt = _Stream(target, target_policy, prompt, prefill_chunk, room)
+    dft = _Stream(draft, draft_policy, prompt, prefill_chunk, room)
     device_sync(device)
     t1 = time.perf_counter()
 
@@ -222,8 +224,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int,
         accepted_total += a
         # --- roll both caches back to the accepted prefix (seq + x_1 .. x_a)
         keep = n + a
-        tgt.cache.truncate(min(keep, tgt.length))
-        dft.cache.truncate(min(keep, dft.length))
+        tgt.runtime.truncate(min(keep, tgt.length))
+        dft.runtime.truncate(min(keep, dft.length))
         for t in new:
             seq.append(t)
             out.append(t)
@@ -234,5 +236,5 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int,
 
     stats = SpeculativeStats(prompt_tokens=len(prompt), new_tokens=len(out), rounds=rounds, proposed=proposed,
                              accepted=accepted_total, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
-                             target_cache=tgt.cache.report(), draft_cache=dft.cache.report())
+                             target_cache=tgt.runtime.report(), draft_cache=dft.runtime.report())
     return SpeculativeResult(out, stats)

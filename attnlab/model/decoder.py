@@ -18,7 +18,7 @@ from attnlab.nn.mlp import GeluMLP, SwiGLU
 from attnlab.nn.norm import build_norm
 
 if TYPE_CHECKING:
-    from attnlab.cache.kv import ModelCache
+    from attnlab.cache.kv import CacheStep, ModelCache
 
 
 class DecoderLM(nn.Module):
@@ -83,16 +83,17 @@ class DecoderLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: "ModelCache | None" = None, valid: list[int] | None = None,
+                cache: "ModelCache | None" = None, step: "CacheStep | None" = None,
                 attention_impl: str = "fused") -> torch.Tensor:
-        """Logits (B, T, vocab). With ``cache`` the tokens continue each cached sequence (the
-        first ``valid[b]`` of row b are real, the rest right padding) and the cache advances."""
-        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, valid=valid,
+        """Logits (B, T, vocab). With ``cache`` and ``step`` (built by the decode runtime,
+        ``attnlab.infer.runtime``) the tokens continue each cached sequence at ``step.offsets``;
+        the model writes them into the cache but never changes lengths: the runtime does."""
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, step=step,
                                     attention_impl=attention_impl)
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      cache: "ModelCache | None" = None, valid: list[int] | None = None,
+                      cache: "ModelCache | None" = None, step: "CacheStep | None" = None,
                       attention_impl: str = "fused") -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model)."""
         batch, t_len = input_ids.shape
@@ -104,20 +105,14 @@ class DecoderLM(nn.Module):
                 positions = torch.arange(t_len, device=input_ids.device)
             ctx = ForwardContext(positions=positions, attention_impl=attention_impl)
         else:
-            if cache.batch != batch:
-                raise InputError(f"cache holds {cache.batch} sequences, input has {batch}")
-            offsets = list(cache.lengths)
-            valid = [t_len] * batch if valid is None else list(valid)
-            key_lengths = [o + n for o, n in zip(offsets, valid)]
-            positions = (torch.tensor(offsets, device=input_ids.device).unsqueeze(1)
-                         + torch.arange(t_len, device=input_ids.device))  # (B, T)
-            ctx = ForwardContext(positions=positions, attention_impl=attention_impl, cache=cache,
-                                 cache_offsets=offsets, valid=valid, key_lengths=key_lengths)
+            if step is None:
+                raise InputError("a cached forward needs a CacheStep (use attnlab.infer.DecodeRuntime)")
+            if cache.batch != batch or step.positions.shape != (batch, t_len):
+                raise InputError(f"cache holds {cache.batch} sequences and the step {tuple(step.positions.shape)} "
+                                 f"positions; the input is {tuple(input_ids.shape)}")
+            ctx = ForwardContext(positions=step.positions, attention_impl=attention_impl, cache=cache, step=step)
         x = self.dropout(self.embed(input_ids))
-        out = self.final_norm(self.body(x, ctx))
-        if cache is not None:
-            cache.lengths = ctx.key_lengths
-        return out
+        return self.final_norm(self.body(x, ctx))
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM:

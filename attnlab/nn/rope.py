@@ -70,8 +70,22 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos_sin(positions, x.dtype, x.shape[1])
-        return apply_rotary(x, cos, sin, self.style)
+        return apply_rotary(x, *self._cos_sin_for(positions, x.dtype, x.shape[1]), self.style)
+
+    def _cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype, num_heads: int):
+        """cos/sin, reused for the next call with the same positions tensor (unchanged since),
+        dtype and head count: queries and keys of one forward share them, which halves a decode
+        step's rotary kernels. The memo holds the positions tensor, so its identity stays unique."""
+        if torch.compiler.is_compiling():
+            return self.cos_sin(positions, dtype, num_heads)
+        heads = num_heads if self.inv_freq.dim() == 2 else 0
+        memo = getattr(self, "_memo", None)
+        if (memo is not None and memo[0] is positions and memo[1] == positions._version
+                and memo[2] == (dtype, heads, positions.device)):
+            return memo[3]
+        cos_sin = self.cos_sin(positions, dtype, num_heads)
+        self._memo = (positions, positions._version, (dtype, heads, positions.device), cos_sin)
+        return cos_sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:

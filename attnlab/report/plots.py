@@ -94,7 +94,7 @@ def memory_vs_context(memory: Table | None, path: Path) -> Path | None:
         label = f"{run} {config}" + (f" ({policy})" if policy else "")
         ax.plot([r["context"] for r in rows], [r["estimate_bytes"] / 2**20 for r in rows], color=f"C{i}", label=label)
         measured = [r for r in rows if r.get("measured_bytes") is not None]
-        ax.scatter([r["context"] for r in measured], [r["measured_bytes"] / 2**20 for r in measured], color=f"C{i}",
+        ax.scatter([r["context"] for r in measured], [(r["measured_bytes"] + (r.get("measured_tail_bytes") or 0)) / 2**20 for r in measured], color=f"C{i}",
                    marker="x", zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

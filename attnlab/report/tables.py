@@ -15,7 +15,7 @@ DISPLAY_COLUMNS = {
     "perplexity": ["run", "policy", "bytes_per_token", "allocated_per_token", "nll", "ppl", "delta_nll"],
     "latency": ["run", "policy", "prompt_len", "gen_len", "prefill_tokens_per_s", "decode_ms_per_token",
                 "decode_p10_ms_per_token", "decode_p90_ms_per_token"],
-    "memory": ["run", "context", "config", "policy", "bytes_per_token", "estimate_bytes", "measured_bytes",
+    "memory": ["run", "context", "config", "policy", "bytes_per_token", "estimate_bytes", "measured_bytes", "measured_tail_bytes",
                "peak_device_bytes", "ratio_end_to_end"],
     "context_sweep": ["run", "length", "ok", "prefill_s", "last_chunk_loss", "decode_ms", "error"],
     "downstream": ["run", "task", "n", "acc", "acc_norm", "ppl"],

@@ -10,10 +10,10 @@ from attnlab.bench.latency import (
     resolve_policy,
     run_latency,
 )
-from attnlab.cache import ModelCache
 from attnlab.config import ModelConfig
 from attnlab.config.bench import LatencyBench
 from attnlab.errors import ConfigError
+from attnlab.infer import DecodeRuntime
 from attnlab.model import build_model
 from attnlab.model.stats import kv_bytes_per_token_layer
 
@@ -42,7 +42,8 @@ def test_rows_cover_the_grid_with_units_and_analytic_bytes(model):
         assert 0 < r["prefill_p10_s"] <= r["prefill_median_s"] <= r["prefill_p90_s"]
         assert r["prefill_tokens_per_s"] == pytest.approx(2 * r["prompt_len"] / r["prefill_median_s"])
         assert r["kv_bytes_per_token"] == q8_bytes
-        assert r["kv_bytes_allocated"] >= r["kv_bytes_per_token"] * 2 * (r["prompt_len"] + r["gen_len"])
+        # one runtime per prompt length, allocated for the prompt plus the longest generation
+        assert r["kv_bytes_allocated"] == r["kv_bytes_per_token"] * 2 * (r["prompt_len"] + 3)
         if r["gen_len"] == 0:
             assert r["decode_ms_per_token"] is None and r["decode_tokens_per_s"] is None
         else:
@@ -55,8 +56,9 @@ def test_rows_cover_the_grid_with_units_and_analytic_bytes(model):
 
 
 def test_decode_timing_holds_only_single_token_steps(model, monkeypatch):
-    """The timed decode runs exactly gen_len one-token forwards; the prefill (chunked) happens in
-    the untimed setup; the timed prefill is chunks of at most block_size."""
+    """The timed decode runs exactly gen_len one-token forwards (runtime steps); the prefill
+    (chunked) and the warm-up step (graph capture on CUDA) happen in the untimed setup; the timed
+    prefill is chunks of at most block_size."""
     timed: list[list[int]] = []
     inside = {"on": False}
     hook = model.register_forward_hook(lambda m, args, out: timed[-1].append(args[0].shape[1]) if inside["on"] else None)
@@ -84,12 +86,12 @@ def test_decode_timing_holds_only_single_token_steps(model, monkeypatch):
 
 def test_chunked_prefill_matches_one_forward(model):
     ids = torch.randint(0, 256, (2, BLOCK))
-    cache = ModelCache.for_model(model, "fp32", batch=2)
-    last = chunked_prefill(model, cache, ids, chunk=10)  # chunks 10, 10, 10, 2
-    assert last.shape == (2, 2, 256) and cache.lengths == [BLOCK, BLOCK]
+    runtime = DecodeRuntime(model, "fp32", batch=2, max_length=BLOCK)
+    last = chunked_prefill(runtime, ids, chunk=10)  # chunks 10, 10, 10, 2
+    assert last.shape == (2, 2, 256) and runtime.host_lengths == [BLOCK, BLOCK]
     torch.testing.assert_close(last, model(ids)[:, -2:], atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="block_size"):
-        chunked_prefill(model, ModelCache.for_model(model, None), ids[:1], chunk=BLOCK + 1)
+        chunked_prefill(DecodeRuntime(model, None), ids[:1], chunk=BLOCK + 1)
 
 
 def test_bench_tokens_wrap_the_heldout_stream_and_fall_back_to_random(model):

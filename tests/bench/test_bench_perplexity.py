@@ -35,7 +35,8 @@ def test_forward_nll_is_the_mean_cross_entropy(model):
 
 def test_cached_decode_with_an_exact_cache_matches_the_forward(model):
     w = torch.randint(0, 50, (3, 17))
-    exact, _ = cached_decode_nll(model, w, "fp32", batch_size=2)
+    exact, runtime = cached_decode_nll(model, w, "fp32", batch_size=2)
+    assert runtime.batch == 1 and runtime.host_lengths == [16]  # the last batch's runtime, sized to the window
     assert exact.nll == pytest.approx(forward_nll(model, w).nll, abs=1e-5)
     coarse, _ = cached_decode_nll(model, w, "q4_0", batch_size=2)
     assert coarse.nll != pytest.approx(exact.nll, abs=1e-7)
@@ -49,7 +50,8 @@ def test_policy_rows_report_analytic_and_allocated_bytes(model):
     stats = model_stats(model.config, formats=("fp16", "q8_0", "q4_0", "nf4"))
     for row in rows:
         assert row.bytes_per_token == stats.kv_total(row.policy)
-        assert row.allocated_per_token >= row.bytes_per_token
+        # runtimes are sized to the window: allocated == analytic (no tail in these policies)
+        assert row.allocated_per_token == row.bytes_per_token and row.slack_bytes == 0 == row.tail_bytes
     assert rows[0].delta_nll == pytest.approx(0.0, abs=2e-3)  # fp16
     text = format_policy_table(reference, rows)
     assert "k_sem=q4_0,k_geo=q8_0,v=q4_0" in text and "KV B/tok allocated" in text

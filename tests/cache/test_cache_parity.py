@@ -1,12 +1,14 @@
-"""Cached inference vs the full forward, for every attention variant and every format:
-incremental decode, chunked prefill, batched prompts of different lengths, rollback."""
+"""Cached inference (through the decode runtime) vs the full forward, for every attention variant
+and every format: incremental decode, chunked prefill, batched prompts of different lengths,
+rollback, byte accounting."""
 
 import pytest
 import torch
 
-from attnlab.cache import CachePolicy, ModelCache
+from attnlab.cache import CachePolicy
 from attnlab.config import ModelConfig
 from attnlab.errors import AttnlabError, ConfigError, InputError
+from attnlab.infer import DecodeRuntime
 from attnlab.model import build_model
 from attnlab.model.stats import kv_bytes_per_token_layer
 
@@ -34,16 +36,22 @@ def make_model(attention, seed=0, dtype=torch.float64, **kw):
     return model
 
 
+def steps(runtime, ids):
+    """Feed ``ids`` (B, T) one ``runtime.step`` at a time; logits (B, T, V) (each step's output
+    copied: the runtime may reuse its buffer)."""
+    return torch.stack([runtime.step(ids[:, t]).clone() for t in range(ids.shape[1])], 1)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
 def test_incremental_decode_equals_full_forward(name):
     model = make_model(VARIANTS[name])
     ids = torch.randint(0, 97, (2, 20))
     full = model(ids)
-    cache = ModelCache.for_model(model, batch=2)
-    steps = [model(ids[:, :7], cache=cache)] + [model(ids[:, t: t + 1], cache=cache) for t in range(7, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
-    assert cache.lengths == [20, 20]
+    rt = DecodeRuntime(model, batch=2, max_length=20)
+    out = torch.cat([rt.forward(ids[:, :7]), steps(rt, ids[:, 7:])], 1)
+    torch.testing.assert_close(out, full, rtol=1e-10, atol=1e-10)
+    assert rt.host_lengths == [20, 20] and rt.lengths.tolist() == [20, 20]
 
 
 @pytest.mark.parametrize("name", ["gqa", "dba_gqa_null_gate"])
@@ -51,16 +59,15 @@ def test_incremental_decode_equals_full_forward(name):
 def test_chunked_prefill_equals_one_shot_and_goes_past_block_size(name):
     model = make_model(VARIANTS[name])
     ids = torch.randint(0, 97, (1, 24))
-    one = ModelCache.for_model(model)
-    ref = model(ids, cache=one)
-    chunked = ModelCache.for_model(model)
-    outs = [model(ids[:, s: s + 5], cache=chunked) for s in range(0, 24, 5)]
+    ref = DecodeRuntime(model, max_length=24).forward(ids)
+    chunked = DecodeRuntime(model, max_length=44)
+    outs = [chunked.forward(ids[:, s: s + 5]) for s in range(0, 24, 5)]
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-10, atol=1e-10)
-    more = torch.randint(0, 97, (1, 20))  # a cache may grow past block_size, chunk by chunk
-    model(more, cache=chunked)
-    assert chunked.lengths == [44]
+    more = torch.randint(0, 97, (1, 20))  # a sequence may go past block_size, chunk by chunk
+    chunked.forward(more)
+    assert chunked.host_lengths == [44]
     with pytest.raises(InputError, match="exceed block_size 24"):
-        model(torch.randint(0, 97, (1, 25)), cache=ModelCache.for_model(model))
+        DecodeRuntime(model, max_length=25).forward(torch.randint(0, 97, (1, 25)))
 
 
 @torch.no_grad()
@@ -70,15 +77,16 @@ def test_batched_prompts_of_different_lengths_equal_single_prompts():
     padded = torch.zeros(3, 12, dtype=torch.long)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = p
-    cache = ModelCache.for_model(model, batch=3)
-    logits = model(padded, cache=cache, valid=[len(p) for p in prompts])
-    nxt = torch.randint(0, 97, (3, 1))
-    step = model(nxt, cache=cache)
+    rt = DecodeRuntime(model, batch=3, max_length=13)
+    logits = rt.forward(padded, valid=[len(p) for p in prompts])
+    assert rt.host_lengths == [9, 4, 12]
+    nxt = torch.randint(0, 97, (3,))
+    step = rt.step(nxt).clone()
     for b, p in enumerate(prompts):
-        single = ModelCache.for_model(model)
-        ref = model(p[None], cache=single)
+        single = DecodeRuntime(model, max_length=13)
+        ref = single.forward(p[None])
         torch.testing.assert_close(logits[b, : len(p)], ref[0], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(step[b], model(nxt[b: b + 1], cache=single)[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(step[b], single.step(nxt[b: b + 1])[0], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("policy", ["fp32", "q8_0,tail=4", "k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=3"])
@@ -86,23 +94,28 @@ def test_batched_prompts_of_different_lengths_equal_single_prompts():
 def test_truncate_restores_the_exact_state(policy):
     model = make_model(VARIANTS["dba_gqa_null_gate"], dtype=torch.float32)
     ids = torch.randint(0, 97, (1, 16))
-    cache = ModelCache.for_model(model, policy)
-    model(ids[:, :10], cache=cache)
-    expected = model(ids[:, 10:13], cache=cache)
-    model(torch.randint(0, 97, (1, 3)), cache=cache)  # a rejected draft ...
-    cache.truncate(10)                                   # ... rolled back
-    assert cache.lengths == [10]
-    torch.testing.assert_close(model(ids[:, 10:13], cache=cache), expected, rtol=0, atol=0)
+    rt = DecodeRuntime(model, policy, max_length=16)
+    rt.forward(ids[:, :10])
+    expected = rt.forward(ids[:, 10:13])
+    after = rt.step(ids[:, 13]).clone()
+    rt.forward(torch.randint(0, 97, (1, 2)))  # a rejected draft ...
+    rt.truncate(10)                           # ... rolled back
+    assert rt.host_lengths == [10] and rt.lengths.tolist() == [10]
+    torch.testing.assert_close(rt.forward(ids[:, 10:13]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(rt.step(ids[:, 13]), after, rtol=0, atol=0)
 
 
 @torch.no_grad()
 def test_rollback_past_the_exact_tail_is_refused():
     model = make_model(VARIANTS["gqa"], dtype=torch.float32)
-    cache = ModelCache.for_model(model, CachePolicy.parse("q4_0,tail=2,rollback=3"))
-    model(torch.randint(0, 97, (1, 20)), cache=cache)
-    cache.truncate(17)
+    rt = DecodeRuntime(model, CachePolicy.parse("q4_0,tail=2,rollback=3"), max_length=20)
+    rt.forward(torch.randint(0, 97, (1, 20)))
+    rt.truncate(17)
     with pytest.raises(AttnlabError, match="full-precision tail no longer holds"):
-        cache.truncate(12)
+        rt.truncate(12)
+    assert rt.host_lengths == [17]  # a refused rollback changes nothing
+    with pytest.raises(InputError, match="sequence 0 has 17 tokens; cannot set length 18"):
+        rt.truncate(18)
 
 
 @torch.no_grad()
@@ -110,27 +123,34 @@ def test_tail_is_read_at_full_precision():
     """With every token inside the tail, a q4_0 cache decodes exactly like an fp32 cache."""
     model = make_model(VARIANTS["dba"], dtype=torch.float32)
     ids = torch.randint(0, 97, (1, 12))
-    exact = model(ids, cache=ModelCache.for_model(model, "fp32"))
-    tailed = model(ids, cache=ModelCache.for_model(model, "q4_0,tail=16"))
+    exact = DecodeRuntime(model, "fp32", max_length=12).forward(ids)
+    tailed = DecodeRuntime(model, "q4_0,tail=16", max_length=12).forward(ids)
     torch.testing.assert_close(tailed, exact, rtol=1e-6, atol=1e-6)
-    coarse = model(ids, cache=ModelCache.for_model(model, "q4_0"))
+    coarse = DecodeRuntime(model, "q4_0", max_length=12).forward(ids)
     assert (coarse - exact).abs().max() > 1e-4
 
 
-def test_bytes_analytic_and_allocated_agree_up_to_growth_slack():
+def test_bytes_allocated_are_the_analytic_bytes_for_the_capacity_plus_the_tail_ring():
     model = make_model(VARIANTS["dba_gqa_null_gate"], dtype=torch.float32)
     policy = CachePolicy.parse("k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=8")
-    cache = ModelCache.for_model(model, policy, batch=2)
+    rt = DecodeRuntime(model, policy, batch=2, max_length=80)
+    before = rt.report()
     with torch.no_grad():
-        model(torch.randint(0, 97, (2, 24)), cache=cache)
+        rt.forward(torch.randint(0, 97, (2, 24)))
         for _ in range(50):
-            model(torch.randint(0, 97, (2, 1)), cache=cache)
-    report = cache.report()
-    per_layer = kv_bytes_per_token_layer(model.attention_layers()[0].dims, {"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"})
+            rt.step(torch.randint(0, 97, (2,)))
+    report = rt.report()
+    dims = model.attention_layers()[0].dims
+    per_layer = kv_bytes_per_token_layer(dims, {"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"})
     assert report.bytes_per_token == 2 * per_layer  # two layers, same spec as compile's plan
-    assert report.max_length == 74 and report.capacity >= 74
+    # the ring: (tail + rollback) slots per sequence of every field at fp32, plus each slot's position (int64)
+    ring = (8 + policy.rollback) * (sum(dims.cache_fields.values()) * dims.num_kv_heads * 4 + 8)
+    assert report.tail_bytes == 2 * 2 * ring  # two layers, two sequences
+    assert report.max_length == 74 and report.capacity == 80 and report.batch == 2
+    assert report.bytes_allocated == report.bytes_per_token * 2 * 80 + report.tail_bytes
     assert report.bytes_allocated == report.used_bytes + report.slack_bytes + report.tail_bytes
-    assert report.slack_bytes < report.used_bytes  # geometric growth wastes less than half
+    assert report.slack_bytes == report.bytes_per_token * 2 * 6
+    assert before.bytes_allocated == report.bytes_allocated and before.max_length == 0  # allocated once
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -144,7 +164,7 @@ def test_bad_policies_are_one_line_errors(text, needle):
 def test_policy_field_must_exist_for_the_variant():
     model = make_model(VARIANTS["gqa"])
     with pytest.raises(ConfigError, match="field 'k_sem' does not exist for this attention"):
-        ModelCache.for_model(model, "k_sem=q4_0")
+        DecodeRuntime(model, "k_sem=q4_0")
 
 
 # relative error ||cached - full|| / ||full|| of the logits; measured worst over variants and
@@ -160,8 +180,8 @@ def test_every_format_decodes_close_to_the_full_forward(name, fmt):
     model = make_model(VARIANTS[name], seed=seed, dtype=torch.float32)
     ids = torch.randint(0, 97, (2, 20))
     full = model(ids)
-    cache = ModelCache.for_model(model, fmt, batch=2)
-    out = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t: t + 1], cache=cache) for t in range(5, 20)], 1)
+    rt = DecodeRuntime(model, fmt, batch=2, max_length=20)
+    out = torch.cat([rt.forward(ids[:, :5]), steps(rt, ids[:, 5:])], 1)
     rel = ((out - full).norm() / full.norm()).item()
     assert rel <= FORMAT_TOLERANCE[fmt], f"{name}/{fmt} (seed {seed}): relative error {rel:.2e}"
     if fmt != "fp32":
@@ -172,11 +192,11 @@ def test_every_format_decodes_close_to_the_full_forward(name, fmt):
 def test_hybrid_stack_takes_one_policy_for_both_kinds_of_layer():
     model = make_model(VARIANTS["dba"], dtype=torch.float32, num_layers=4,
                        layer_overrides=[{"every": 2, "offset": 1, "attention": VARIANTS["gqa"]}])
-    cache = ModelCache.for_model(model, "k_sem=q4_0,k_geo=q8_0,k=q8_0,v=q4_0")
-    assert [sorted(layer.formats.items()) for layer in cache.layers[:2]] == [
+    rt = DecodeRuntime(model, "k_sem=q4_0,k_geo=q8_0,k=q8_0,v=q4_0", max_length=10)
+    assert [sorted(layer.formats.items()) for layer in rt.cache.layers[:2]] == [
         [("k_geo", "q8_0"), ("k_sem", "q4_0"), ("v", "q4_0")], [("k", "q8_0"), ("v", "q4_0")]]
     ids = torch.randint(0, 97, (1, 10))
-    torch.testing.assert_close(model(ids, cache=cache), model(ids), rtol=0.1, atol=0.1)
+    torch.testing.assert_close(rt.forward(ids), model(ids), rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("policy", ["q4_0,tail=3", "k_sem=q4_0,k_geo=q8_0,v=q4_0,tail=5,rollback=2"])
@@ -186,8 +206,7 @@ def test_exact_tail_is_per_query_so_chunking_does_not_matter(policy):
     or in chunks longer than the tail window."""
     model = make_model(VARIANTS["dba_gqa_null_gate"], dtype=torch.float32)
     ids = torch.randint(0, 97, (2, 23))
-    stepwise = ModelCache.for_model(model, policy, batch=2)
-    one_by_one = torch.cat([model(ids[:, t: t + 1], cache=stepwise) for t in range(23)], 1)
-    chunked = ModelCache.for_model(model, policy, batch=2)
-    in_chunks = torch.cat([model(ids[:, s: s + 9], cache=chunked) for s in range(0, 23, 9)], 1)
+    one_by_one = steps(DecodeRuntime(model, policy, batch=2, max_length=23), ids)
+    chunked = DecodeRuntime(model, policy, batch=2, max_length=23)
+    in_chunks = torch.cat([chunked.forward(ids[:, s: s + 9]) for s in range(0, 23, 9)], 1)
     torch.testing.assert_close(in_chunks, one_by_one, rtol=1e-5, atol=1e-5)

@@ -4,10 +4,9 @@ of different lengths, stop ids, a quantized cache, bad inputs."""
 import pytest
 import torch
 
-from attnlab.cache import ModelCache
 from attnlab.config import ModelConfig
 from attnlab.errors import InputError
-from attnlab.infer import SamplingConfig, generate, generate_uncached, prefill
+from attnlab.infer import DecodeRuntime, SamplingConfig, generate, generate_uncached
 from attnlab.model import build_model
 
 VOCAB = 61
@@ -49,7 +48,9 @@ def test_cached_greedy_equals_uncached(name):
     assert stats.prompt_tokens == 11 and stats.new_tokens == 12 and stats.decode_steps == 11
     assert stats.decode_tokens == 11 and stats.prefill_tokens_per_s > 0 and stats.decode_ms_per_token > 0
     assert stats.cache.max_length == 11 + 11 and stats.cache.bytes_per_token > 0
-    assert stats.cache.bytes_allocated >= stats.cache.used_bytes
+    # the runtime generate builds holds the prompt plus max_new_tokens, allocated once
+    assert stats.cache.capacity == 11 + 12
+    assert stats.cache.bytes_allocated == stats.cache.bytes_per_token * stats.cache.capacity + stats.cache.tail_bytes
 
 
 def test_batched_equals_one_by_one():
@@ -77,18 +78,19 @@ def test_stop_ids_stop_each_sequence_independently():
 def test_chunked_prefill_logits_equal_one_shot_and_go_past_block_size():
     model = make_model(VARIANTS["gqa"], block_size=16)
     prompts = [prompt(13, 1), prompt(5, 2), prompt(16, 3)]
-    one = prefill(model, ModelCache.for_model(model, batch=3), prompts)
+    one = DecodeRuntime(model, batch=3, max_length=16).prefill(prompts)
+    runtime = DecodeRuntime(model, batch=3, max_length=16)
     for chunk in (1, 3, 8):
-        cache = ModelCache.for_model(model, batch=3)
-        torch.testing.assert_close(prefill(model, cache, prompts, chunk), one, rtol=1e-5, atol=1e-5)
-        assert cache.lengths == [13, 5, 16]
+        runtime.reset()  # one runtime, reused
+        torch.testing.assert_close(runtime.prefill(prompts, chunk), one, rtol=1e-5, atol=1e-5)
+        assert runtime.host_lengths == [13, 5, 16]
     with torch.no_grad():
         for b, p in enumerate(prompts):  # the last real token's logits, per prompt
             torch.testing.assert_close(one[b], model(torch.tensor([p]))[0, -1], rtol=1e-5, atol=1e-5)
     long = prompt(40, 4)  # longer than block_size: fine through chunks
-    cache = ModelCache.for_model(model)
-    logits = prefill(model, cache, [long])
-    assert logits.shape == (1, VOCAB) and cache.lengths == [40]
+    runtime = DecodeRuntime(model, max_length=40)
+    logits = runtime.prefill([long])
+    assert logits.shape == (1, VOCAB) and runtime.host_lengths == [40]
     assert len(generate(model, [long], 5).tokens[0]) == 5
 
 
@@ -103,8 +105,7 @@ def test_quantized_cache_runs_and_stays_close():
     ids = torch.tensor([p + exact.tokens[0]])
     with torch.no_grad():
         ref = model(ids)[0, len(p) - 1: -1].argmax(-1)
-        cache = ModelCache.for_model(model, "q8_0")
-        got = model(ids, cache=cache)[0, len(p) - 1: -1].argmax(-1)
+        got = DecodeRuntime(model, "q8_0", max_length=ids.shape[1]).forward(ids)[0, len(p) - 1: -1].argmax(-1)
     assert (ref == got).float().mean() >= 0.8
 
 
@@ -114,8 +115,10 @@ def test_sampling_is_seeded_and_keep_cache():
     cfg = SamplingConfig(1.0, top_k=20)
     a = generate(model, prompts, 8, cfg, seed=7)
     b = generate(model, prompts, 8, cfg, seed=7, keep_cache=True)
-    assert a.tokens == b.tokens and a.cache is None
-    assert b.cache.lengths == [4 + 7, 6 + 7]
+    assert a.tokens == b.tokens and a.runtime is None
+    assert b.runtime.host_lengths == [4 + 7, 6 + 7]
+    # a kept runtime decodes the next prompts of the same batch size (reset first): same tokens
+    assert generate(model, prompts, 8, cfg, seed=7, runtime=b.runtime).tokens == a.tokens
     assert generate(model, prompts, 8, cfg, seed=8).tokens != a.tokens
     assert generate(model, prompts, 0).tokens == [[], []]
 
@@ -138,8 +141,25 @@ def test_bad_inputs_raise_input_error(prompts, needle):
 def test_bad_chunk_and_token_count():
     model = make_model(block_size=16)
     with pytest.raises(InputError, match="prefill chunk size must lie in 1..block_size"):
-        prefill(model, ModelCache.for_model(model), [[1, 2]], chunk_size=17)
+        DecodeRuntime(model).prefill([[1, 2]], chunk_size=17)
     with pytest.raises(InputError, match="max_new_tokens"):
         generate(model, [[1]], -1)
-    with pytest.raises(InputError, match="cache holds 1 sequences"):
-        prefill(model, ModelCache.for_model(model), [[1], [2]])
+    with pytest.raises(InputError, match="this runtime decodes 1 sequences, got 2 prompts"):
+        DecodeRuntime(model).prefill([[1], [2]])
+
+
+def test_runtime_too_short_or_of_another_batch_is_an_input_error():
+    """A runtime holds at most max_length tokens per sequence (prompt plus new tokens) and decodes
+    exactly its batch: anything else is a one-line InputError, never a shape error deep inside."""
+    model = make_model()
+    short = DecodeRuntime(model, max_length=8)
+    with pytest.raises(InputError, match="max_length=8") as err:
+        generate(model, [prompt(5)], 6, runtime=short)  # 5 + 6 - 1 = 10 tokens held > 8
+    assert "\n" not in str(err.value) and "would hold 9 tokens" in str(err.value)
+    with pytest.raises(InputError, match="max_length=8") as err:
+        generate(model, [prompt(9)], 1, runtime=short)  # the prompt alone does not fit
+    assert "\n" not in str(err.value)
+    assert len(generate(model, [prompt(5)], 4, runtime=short).tokens[0]) == 4  # 5 + 3 = 8: fits exactly
+    with pytest.raises(InputError, match="runtime was built for 1 sequences, got 2 prompts") as err:
+        generate(model, [prompt(3), prompt(4)], 2, runtime=short)
+    assert "\n" not in str(err.value)

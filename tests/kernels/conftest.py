@@ -1,5 +1,5 @@
 """Decode-kernel tests run through Triton's CPU interpreter when there is no GPU: the switch must
-be set before triton.jit decorates the kernels, i.e. before attnlab.kernels.triton_decode is
+be set before triton.jit decorates the kernels, i.e. before any attnlab.kernels module with kernels is
 imported."""
 
 import os

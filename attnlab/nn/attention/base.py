@@ -66,20 +66,25 @@ class AttentionLayer(nn.Module):
 
     def _attend_cached(self, p: Projected, ctx: ForwardContext, null_k, null_v) -> torch.Tensor:
         """Write this step's key fields and values into the layer cache, then attend over it."""
-        from attnlab.kernels import cached_attention  # local: model code stays importable without caches
+        from attnlab.kernels import cached_attention, write_cache  # local: model code stays importable without caches
 
-        layer_cache = ctx.cache.layers[self.layer_index]
         fields = {f.name: k for f, k in zip(self.dims.key_fields, p.k)}
         fields["v"] = p.v
-        # one new token: its exact copy can enter the tail window first (nothing needed is
-        # evicted); a longer chunk updates the window only after attention read the older tokens
+        if torch.compiler.is_compiling():  # an opaque op: torch.compile fuses around it
+            from attnlab.kernels.ops import cached_layer_attention
+
+            s = ctx.step
+            return cached_layer_attention(self.layer_index, ",".join(fields), list(self.scales), p.q,
+                                          list(fields.values()), s.offsets, s.valid, s.lengths, s.positions,
+                                          null_k or [], null_v)
+        layer_cache = ctx.cache.layers[self.layer_index]
+        # one new token: its exact copy can enter the tail ring first (nothing needed is
+        # evicted); a longer chunk updates the ring only after attention read the older tokens
         single = p.v.shape[2] == 1
-        layer_cache.write(ctx.cache_offsets, ctx.valid, fields, include_tail=single)
-        y = cached_attention(p.q, layer_cache, self.scales, q_positions=ctx.positions,
-                             key_lengths=ctx.key_lengths, null_k=null_k, null_v=null_v,
-                             fresh=fields, offsets=ctx.cache_offsets)
+        write_cache(layer_cache, ctx.step, fields, include_tail=single)
+        y = cached_attention(p.q, layer_cache, self.scales, ctx.step, null_k=null_k, null_v=null_v, fresh=fields)
         if not single:
-            layer_cache.write_tail(ctx.cache_offsets, ctx.valid, fields)
+            layer_cache.write_tail(ctx.step, fields)
         return y
 
 
