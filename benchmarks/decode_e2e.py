@@ -6,7 +6,8 @@ physical floor and a peer measured in the same run.
 
 Rows: the 1B standard baseline with a bf16 cache, DBA with a bf16 cache and DBA with the
 heterogeneous ``k_sem=q4_0,k_geo=q8_0,v=q4_0`` cache; batch 1 and 8; contexts 8k/32k/128k; each
-eager (``cuda_graphs=False``) and graph-captured. Random bf16 weights; caches filled with random
+eager (``cuda_graphs=False``), graph-captured, and (batch 1) compiled + graph-captured
+(``compile=True``: torch.compile around the opaque cache op). Random bf16 weights; caches filled with random
 rows up to the context (``attnlab.bench.synthetic_cache.fill_random``), so no prefill is timed.
 
 * ms/token: CUDA-event time of ``steps`` consecutive ``DecodeRuntime.step`` calls / steps.
@@ -97,9 +98,10 @@ def gpu_busy_share(rt: DecodeRuntime, token: torch.Tensor, steps: int = 5) -> fl
     return kernel_us / 1e6 / wall if kernel_us else None
 
 
-def decode_row(model, name: str, policy: str | None, batch: int, context: int, graphs: bool, steps: int,
+def decode_row(model, name: str, policy: str | None, batch: int, context: int, mode: str, steps: int,
                copy_bw: float, busy: bool) -> dict:
-    rt = DecodeRuntime(model, policy, batch=batch, max_length=context + steps + 8, cuda_graphs=graphs)
+    rt = DecodeRuntime(model, policy, batch=batch, max_length=context + steps + 8, cuda_graphs=mode != "eager",
+                       compile=mode == "compiled")
     fill_random(rt, context)
     token = torch.randint(0, model.config.vocab_size, (batch,), device=rt.device)
     per_step = timed_steps(rt, token, steps)
@@ -107,7 +109,8 @@ def decode_row(model, name: str, policy: str | None, batch: int, context: int, g
     kv = rt.cache.bytes_per_token() * context * batch
     floor = (weights + kv) / copy_bw if copy_bw else float("nan")
     row = {"model": name, "policy": policy or "bf16", "batch": batch, "context": context,
-           "mode": "graph" if rt.cuda_graphs else "eager", "ms_per_token": per_step * 1e3,
+           "mode": mode if rt.cuda_graphs or mode == "eager" else f"{mode} (fell back to eager)",
+           "ms_per_token": per_step * 1e3,
            "floor_ms": floor * 1e3, "x_floor": per_step / floor, "weight_bytes": weights, "kv_bytes": kv,
            "tokens_per_s": batch / per_step}
     if busy and rt.device.type == "cuda":
@@ -192,7 +195,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "graph", "compiled"], choices=["eager", "graph", "compiled"],
+                    help="compiled = torch.compile + CUDA graph (batch 1 only: one compilation per model)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--prefill", type=int, nargs="*", default=[32768, 131072], help="prefill contexts to time")
     ap.add_argument("--time-limit", type=float, default=540, help="stop starting new rows after this many s")
@@ -232,11 +236,13 @@ def main() -> None:
                                            "error": "bf16 cache does not fit next to the scratch (> 110 GB)"})
                     continue
                 for mode in args.modes:
+                    if mode == "compiled" and batch != 1:
+                        continue
                     if time.perf_counter() - start > args.time_limit:
                         print("# time limit reached", flush=True)
                         break
                     try:
-                        row = decode_row(model, run_id, policy, batch, context, mode == "graph", args.steps, copy_bw,
+                        row = decode_row(model, run_id, policy, batch, context, mode, args.steps, copy_bw,
                                          busy=batch == 1)
                         print(f"{row['model']:9s} {row['policy']:28s} b{batch} {context:>6} {row['mode']:5s} "
                               f"{row['ms_per_token']:8.3f} ms/token  floor {row['floor_ms']:.3f}  "
