@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from attnlab.config.base import validate_section
 from attnlab.config.data import TokenizerConfig
 from attnlab.config.model import ModelConfig
@@ -68,28 +66,51 @@ def load(path: str | Path, *, map_location: str = "cpu") -> DecoderLM:
 
 def run_tokenizer(path: str | Path) -> TokenizerConfig | None:
     """The tokenizer a run trained with, from its ``resolved_config.json`` (None if unknown)."""
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    resolved = run_dir / "resolved_config.json"
-    if not resolved.is_file():
+    cfg = _resolved_config(path)
+    if cfg is None:
         return None
-    data = json.loads(resolved.read_text()).get("data", {})
+    data = _section(cfg, "data", _resolved_path(path))
     if "tokenizer" not in data:
         return None
-    return TokenizerConfig.model_validate(data["tokenizer"])
+    return validate_section(TokenizerConfig, data["tokenizer"], "data.tokenizer")
+
+
+def _resolved_path(path: str | Path) -> Path:
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / "resolved_config.json"
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """``path`` parsed as a JSON object; a one-line ``CheckpointError`` naming the file when it is
+    unreadable, not JSON or not an object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable {what} ({reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _section(cfg: dict, key: str, where: Path) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+    return value
 
 
 def _resolved_config(path: str | Path) -> dict | None:
-    path = Path(path)
-    resolved = (path if path.is_dir() else path.parent) / "resolved_config.json"
-    return json.loads(resolved.read_text()) if resolved.is_file() else None
+    resolved = _resolved_path(path)
+    return read_json_object(resolved, "resolved_config.json") if resolved.is_file() else None
 
 
 def run_cache_policy(path: str | Path) -> str | None:
     """The run's manifest ``cache`` section as a ``--cache-policy`` string (None if unset)."""
     from attnlab.config.cache import CacheConfig
 
-    section = (_resolved_config(path) or {}).get("cache") or {}
+    section = _section(_resolved_config(path) or {}, "cache", _resolved_path(path))
     return validate_section(CacheConfig, section, "cache").policy_text() or None
 
 
@@ -108,9 +129,33 @@ def run_heldout_tokens(path: str | Path, *, with_align: bool = False):
         raise AttnlabError(f"{run_dir}: no resolved_config.json, so the run's data is unknown")
     pointer = run_dir / "heldout.json"
     if pointer.is_file():  # recorded by runs whose data was prepared at run time
-        info = json.loads(pointer.read_text())
-        tokens = np.load(info["path"], mmap_mode="r")[info["val_start"]:]
-        return (tokens, info["align"]) if with_align else tokens
-    data = validate_section(DataConfig, cfg["data"], "data")
-    tokens = load_splits(data, cfg["model"]["vocab_size"], data_cache_dir(data, run_dir)).val
+        return _heldout_from_pointer(pointer, with_align)
+    data = validate_section(DataConfig, _section(cfg, "data", _resolved_path(run_dir)), "data")
+    model = _section(cfg, "model", _resolved_path(run_dir))
+    vocab = model.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+        raise CheckpointError(f"{_resolved_path(run_dir)}: model.vocab_size must be a positive integer "
+                              f"(got {vocab!r})")
+    tokens = load_splits(data, vocab, data_cache_dir(data, run_dir)).val
     return (tokens, 1) if with_align else tokens
+
+
+def _heldout_from_pointer(pointer: Path, with_align: bool):
+    """The held-out tokens ``heldout.json`` points at: ``{"path", "val_start", "align"}``, checked."""
+    from attnlab.data.tokens import open_tokens
+    from attnlab.errors import DataError
+
+    info = read_json_object(pointer, "heldout.json")
+    path, start, align = info.get("path"), info.get("val_start"), info.get("align", 1)
+    if not isinstance(path, str) or not path:
+        raise DataError(f"{pointer}: path must be a token file path (got {path!r})")
+    for key, value, low in (("val_start", start, 0), ("align", align, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"{pointer}: {key} must be an integer >= {low} (got {value!r})")
+    if not path.endswith(".npy"):
+        raise DataError(f"{pointer}: path must name a .npy token file (got {path!r})")
+    tokens = open_tokens(Path(path))  # one-line DataError for missing/object/2-D/truncated arrays
+    if start > len(tokens):
+        raise DataError(f"{pointer}: val_start={start} is past the end of {path} ({len(tokens)} tokens)")
+    tokens = tokens[start:]
+    return (tokens, align) if with_align else tokens

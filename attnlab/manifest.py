@@ -101,9 +101,89 @@ class Plan:
 
 
 # ------------------------------------------------------------------ YAML
+#: bounds on what one YAML text may hold, checked while parsing (before anything is built)
+MAX_YAML_BYTES = 8 << 20          # characters of one manifest file or override value
+MAX_YAML_DEPTH = 100              # nesting of mappings/lists, aliases followed
+MAX_YAML_NODES = 250_000          # nodes once every alias (and << merge) is expanded
+MAX_VAR_DEPTH = 64                # ${a} -> ${b} -> ... chain length
+MAX_VAR_TEXT = 1 << 20            # characters of one interpolated string
+MAX_TREE_NODES = 250_000          # nodes produced by ${vars} substitution over a whole manifest
+
+
+class _YamlLimitError(Exception):
+    """A YAML text over one of the limits above (``mark``: where, if known)."""
+
+    def __init__(self, message: str, mark=None):
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+def _node_children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_graph(root) -> None:
+    """Expanded size and depth of a composed node graph (aliases share nodes, so a few bytes
+    can stand for billions of nodes), and recursive aliases; iterative, memoized: linear in
+    the composed graph, whatever it expands to."""
+    memo: dict[int, tuple[int, int]] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        nid = id(node)
+        if done:
+            open_nodes.discard(nid)
+            kids = _node_children(node)
+            size = 1 + sum(memo[id(k)][0] for k in kids)
+            height = 1 + max((memo[id(k)][1] for k in kids), default=0)
+            if size > MAX_YAML_NODES:
+                raise _YamlLimitError(f"the document expands to more than {MAX_YAML_NODES:,} nodes once its "
+                                      "aliases are expanded (an alias bomb?)", node.start_mark)
+            if height > MAX_YAML_DEPTH:
+                raise _YamlLimitError(f"nesting deeper than {MAX_YAML_DEPTH} levels once aliases are expanded",
+                                      node.start_mark)
+            memo[nid] = (size, height)
+            continue
+        if nid in memo:
+            continue
+        open_nodes.add(nid)
+        stack.append((node, True))
+        for kid in _node_children(node):
+            if id(kid) in open_nodes:
+                raise _YamlLimitError("recursive alias: a node contains an alias to itself", kid.start_mark)
+            if id(kid) not in memo:
+                stack.append((kid, False))
+
+
 class _Loader(yaml.SafeLoader):
     """``yaml.safe_load`` plus: duplicate mapping keys are errors, YAML 1.2 floats (``1e-4``,
-    ``1.0e3``) are floats rather than strings, and dates stay strings."""
+    ``1.0e3``) are floats rather than strings, dates stay strings, and the size limits above
+    (nesting depth, alias expansion, recursive aliases) hold before anything is constructed."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlLimitError(f"nesting deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_graph(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -135,7 +215,15 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
+    if len(text) > MAX_YAML_BYTES:
+        raise _YamlLimitError(f"{len(text):,} characters; the limit is {MAX_YAML_BYTES:,}")
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _limit_error(err: _YamlLimitError, where: str) -> ConfigError:
+    mark = err.mark
+    loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    return ConfigError(loc, "YAML too large or too deep: " + err.message, show_value=False)
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -144,6 +232,10 @@ def parse_yaml(text: str, where: str) -> Any:
     ``${name}`` needs no quotes, also inside ``{...}``/``[...]``."""
     try:
         return _load_yaml(text)
+    except _YamlLimitError as err:
+        raise _limit_error(err, where) from None
+    except RecursionError:  # a limit above should always come first; never a traceback
+        raise ConfigError(where, "YAML nested too deeply", show_value=False) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
@@ -178,16 +270,37 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _check_keys(node: Any, path: str, key: str | None = None) -> None:
-    """Every mapping key in a manifest is a string (YAML would allow ``1:`` or ``on:``)."""
+def _check_keys(node: Any, path: str, key: str | None = None, depth: int = 0) -> None:
+    """Every mapping key in a manifest is a string (YAML would allow ``1:`` or ``on:``); the
+    tree is at most ``MAX_YAML_DEPTH`` deep (also for a mapping passed in from Python)."""
+    if depth > MAX_YAML_DEPTH and isinstance(node, (dict, list)):
+        raise ConfigError(path, f"nested deeper than {MAX_YAML_DEPTH} levels (or a mapping that contains itself)",
+                          show_value=False)
     if isinstance(node, dict):
         for k, v in node.items():
             if not isinstance(k, str):
                 raise ConfigError(path, "mapping keys must be strings", k)
-            _check_keys(v, _join(path, k), k)
+            _check_keys(v, _join(path, k), k, depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _check_keys(v, f"{path}{item_label(key, i, v)}")
+            _check_keys(v, f"{path}{item_label(key, i, v)}", None, depth + 1)
+
+
+def _check_depth(tree: Any) -> None:
+    """At most ``MAX_YAML_DEPTH`` levels of mappings/lists (a mapping that contains itself
+    counts as too deep), checked iteratively; the error names the path where it got too deep."""
+    stack: list[tuple[Any, str, int]] = [(tree, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth >= MAX_YAML_DEPTH:
+            raise ConfigError(path, f"nested deeper than {MAX_YAML_DEPTH} levels (or a mapping that contains itself)",
+                              show_value=False)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                stack.append((value, f"{path}[{key}]" if isinstance(node, list) else _join(path, key), depth + 1))
 
 
 def _check_top(tree: Any, shown: str) -> dict:
@@ -222,17 +335,28 @@ def deep_merge(base: Any, over: Any) -> Any:
 _Chain = tuple[tuple[Path, str], ...]  # (resolved path, shown path) of the files being expanded
 
 
-def _load_file(path: Path, shown: str, chain: _Chain) -> dict:
+MAX_EXTENDS_FILES = 256  # distinct files one manifest may extend, directly or not
+
+
+def _load_file(path: Path, shown: str, chain: _Chain, memo: dict | None = None) -> dict:
+    """``path`` read and its ``extends`` expanded; ``memo`` (resolved path -> expanded tree) reads
+    each file once per plan, so a diamond of files extending each other twice stays linear."""
+    memo = {} if memo is None else memo
     real = path.resolve()
     names = [s for r, s in chain]
     for i, (r, _) in enumerate(chain):
         if r == real:
             raise ConfigError("extends", "cycle: " + " -> ".join(names[i:] + [shown]), show_value=False)
+    if real in memo:
+        return memo[real]
+    if len(memo) + len(chain) >= MAX_EXTENDS_FILES:
+        raise ConfigError("extends", f"more than {MAX_EXTENDS_FILES} files extended (in {shown})", show_value=False)
     tree = _check_top(_read_file(path, shown), shown)
-    return _expand_extends(tree, path.parent, chain + ((real, shown),), shown)
+    memo[real] = _expand_extends(tree, path.parent, chain + ((real, shown),), shown, memo)
+    return memo[real]
 
 
-def _expand_extends(tree: dict, base_dir: Path, chain: _Chain, shown: str) -> dict:
+def _expand_extends(tree: dict, base_dir: Path, chain: _Chain, shown: str, memo: dict | None = None) -> dict:
     tree = dict(tree)
     ext = tree.pop("extends", None)
     if ext is None:
@@ -248,13 +372,26 @@ def _expand_extends(tree: dict, base_dir: Path, chain: _Chain, shown: str) -> di
         target_shown = os.path.normpath(target)
         if not target.is_file():
             raise ConfigError(f"extends[{i}]", f"file not found: {target_shown} (in {shown})", rel)
-        merged = deep_merge(merged, _load_file(target, target_shown, chain))
+        merged = deep_merge(merged, _load_file(target, target_shown, chain, memo))
     return deep_merge(merged, tree)
 
 
 # ------------------------------------------------------------------ ${vars}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REF = re.compile(r"\$(\$?)\{([^}]*)\}")  # ${name}, or $${...} (escaped)
+
+
+def _count_nodes(tree: Any) -> int:
+    """Values in a tree (every mapping, list and scalar is one), iteratively."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 class _Vars:
@@ -271,7 +408,9 @@ class _Vars:
                                   show_value=False)
         self.raw = raw
         self.values: dict[str, Any] = {}
+        self._sizes: dict[str, int] = {}  # nodes in each resolved value
         self._stack: list[str] = []
+        self._budget = MAX_TREE_NODES  # nodes substitution may still produce (``${a}`` copies a var's tree)
         for name in raw:
             self._lookup(name, f"vars.{name}", "")
 
@@ -285,15 +424,27 @@ class _Vars:
             cycle = self._stack[self._stack.index(name):] + [name]
             raise ConfigError(f"vars.{cycle[0]}", "cyclic variable reference: " + " -> ".join(cycle),
                               show_value=False)
+        if len(self._stack) >= MAX_VAR_DEPTH:
+            chain = " -> ".join(self._stack[:3] + ["..."] + self._stack[-2:] + [name])
+            raise ConfigError(f"vars.{self._stack[0]}", f"variable references nest deeper than {MAX_VAR_DEPTH} "
+                              f"levels ({chain})", show_value=False)
         self._stack.append(name)
         try:
             value = self.substitute(self.raw[name], f"vars.{name}")
         finally:
             self._stack.pop()
         self.values[name] = value
+        self._sizes[name] = _count_nodes(value)
         return value
 
+    def _charge(self, nodes: int, path: str) -> None:
+        self._budget -= nodes
+        if self._budget < 0:
+            raise ConfigError(path, f"${{vars}} substitution would produce more than {MAX_TREE_NODES:,} values "
+                              "(variables that copy each other exponentially?)", show_value=False)
+
     def substitute(self, node: Any, path: str, key: str | None = None) -> Any:
+        self._charge(1, path)
         if isinstance(node, dict):
             return {k: self.substitute(v, _join(path, k), k) for k, v in node.items()}
         if isinstance(node, list):
@@ -310,9 +461,13 @@ class _Vars:
     def _string(self, text: str, path: str) -> Any:
         whole = _REF.fullmatch(text)
         if whole and not whole.group(1):  # exactly ${name}: the var's native value
-            return copy.deepcopy(self._lookup(self._ref_name(whole.group(2), path, text), path, text))
+            name = self._ref_name(whole.group(2), path, text)
+            value = self._lookup(name, path, text)
+            self._charge(self._sizes.get(name, 1), path)
+            return copy.deepcopy(value)
         pieces: list[str] = []
         pos = 0
+        length = 0
         for m in _REF.finditer(text):
             pieces.append(self._literal(text[pos:m.start()], path, text))
             if m.group(1):
@@ -320,6 +475,10 @@ class _Vars:
             else:
                 name = self._ref_name(m.group(2), path, text)
                 pieces.append(self._as_text(self._lookup(name, path, text), name, path, text))
+            length += len(pieces[-2]) + len(pieces[-1])
+            if length > MAX_VAR_TEXT:
+                raise ConfigError(path, f"the interpolated string would exceed {MAX_VAR_TEXT:,} characters",
+                                  show_value=False)
             pos = m.end()
         pieces.append(self._literal(text[pos:], path, text))
         return "".join(pieces)
@@ -364,6 +523,10 @@ def parse_override(text: str) -> Override:
         raise ConfigError(where, f"empty component in key '{key}'", show_value=False)
     try:
         value = _load_yaml(raw)
+    except _YamlLimitError as err:
+        raise _limit_error(err, where) from None
+    except RecursionError:
+        raise ConfigError(where, "value nested too deeply", show_value=False) from None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(where, "value is not valid YAML: " + " ".join(problem.split()), show_value=False) from None
@@ -432,6 +595,7 @@ def load_plan_from_dict(data: dict, base_dir: str | Path, overrides: Sequence[st
     """Like ``load_plan`` for an already-parsed manifest; ``extends`` resolves against ``base_dir``."""
     source = Path(source).absolute() if source is not None else None
     shown = str(source) if source is not None else "<manifest>"
+    _check_depth(data)  # before copy.deepcopy, which recurses
     tree = _check_top(copy.deepcopy(data), shown)
     chain: _Chain = ((source.resolve(), shown),) if source is not None else ()
     tree = _expand_extends(tree, Path(base_dir), chain, shown)
@@ -458,13 +622,60 @@ def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source:
     if not out_root.is_absolute():
         out_root = Path.cwd() / out_root
 
-    runs = [run for gi in range(len(spec.groups)) for run in _resolve_group(spec, gi, post, out_root)]
-    benchmarks = {g.name: validate_benchmarks(g.benchmarks, f"groups[{gi}]({g.name}).benchmarks")
-                  for gi, g in enumerate(spec.groups)}
+    context = {"limits": spec.defaults.limits}
+    runs = [run for gi in range(len(spec.groups)) for run in _resolve_group(spec, gi, post, out_root, context)]
+    benchmarks = {}
+    for gi, g in enumerate(spec.groups):
+        where = f"groups[{gi}]({g.name}).benchmarks"
+        benchmarks[g.name] = validate_benchmarks(g.benchmarks, where, context)
+        _check_benchmarks(benchmarks[g.name], [r for r in runs if r.group == g.name], where)
     if group is not None:
         runs = [r for r in runs if r.group == group]
         benchmarks = {group: benchmarks[group]}
     return Plan(spec.name, source, runs, list(overrides), spec.description, dict(spec.vars), benchmarks)
+
+
+def _check_benchmarks(benches: list, runs: list[ResolvedRun], where: str) -> None:
+    """What a benchmark spec needs from its group, checked before any training: its name is a
+    safe file name, distinct in the group; a ``run:<id>`` reference names a run of the group; and
+    each cache policy names only fields every run's attention stores."""
+    from attnlab.cache.policy import CachePolicy
+
+    from attnlab.paths import check_name
+
+    ids = [r.run_id for r in runs]
+    names: dict[str, int] = {}
+    for i, bench in enumerate(benches):
+        check_name(bench.name, f"{where}[{i}].id")  # it names the benchmark's record file
+        if bench.name in names:
+            raise ConfigError(f"{where}[{i}].id", f"{where}[{names[bench.name]}] has the same name (their records "
+                              "would overwrite each other); give them distinct ids", bench.name)
+        names[bench.name] = i
+        ref = getattr(bench, "reference", None)
+        if isinstance(ref, str) and ref.startswith("run:") and ref[4:] not in ids:
+            raise ConfigError(f"{where}[{i}].reference", f"no run {ref[4:]!r} in this group (runs: {', '.join(ids)})",
+                              ref)
+        texts = [(f"policies[{j}]", t) for j, t in enumerate(getattr(bench, "policies", None) or [])]
+        if getattr(bench, "policy", None) is not None:
+            texts.append(("policy", bench.policy))
+        for key, text in texts:
+            policy = CachePolicy.parse(text)
+            for run in runs:
+                have = {name for spec in run.model.attention_specs()
+                        for name in attention_dims(spec, run.model.d_model).cache_fields}
+                missing = [name for name in policy.formats if name not in have]
+                if missing:
+                    raise ConfigError(f"{where}[{i}].{key}", f"names cache field {missing[0]!r}, which run "
+                                      f"{run.run_id!r} does not store (its fields: {', '.join(sorted(have))})", text)
+
+
+def _check_seq_len(model: ModelConfig, train: TrainConfig | None, mode: str, prefix: str) -> None:
+    """A training run's ``seq_len`` fits the model's ``block_size`` (the run would refuse it
+    at start; upcycling modes clamp it to block_size instead)."""
+    seq_len = train.seq_len if train is not None else None
+    if mode == "train" and seq_len is not None and seq_len > model.block_size:
+        raise ConfigError(f"{prefix}.train.seq_len", f"exceeds model.block_size={model.block_size} "
+                          "(the longest sequence one forward pass accepts)", seq_len)
 
 
 def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> None:
@@ -489,7 +700,7 @@ def _source_config(ref: str, where: str, earlier: dict[str, ModelConfig]) -> Mod
     return source_model_config(ref, where)
 
 
-def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConfig]):
+def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConfig], context: dict | None = None):
     """(model config, train config | None, surgery, distill) for the run's mode."""
     mode = run.mode
     needs = {"import": ("teacher",), "upcycle": ("teacher", "surgery"), "blockwise": ("teacher", "init_from"),
@@ -503,7 +714,7 @@ def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConf
     surgery = validate_section(SurgeryConfig, run.surgery, f"{prefix}.surgery") if run.surgery is not None else None
     distill = validate_section(DistillConfig, run.distill, f"{prefix}.distill")
     if mode == "train":
-        model = validate_section(ModelConfig, sections["model"], f"{prefix}.model")
+        model = validate_section(ModelConfig, sections["model"], f"{prefix}.model", context)
     else:
         if sections["model"]:
             raise ConfigError(f"{prefix}.model", f"mode {mode!r} derives the model from its "
@@ -517,7 +728,7 @@ def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConf
             model = _student_config(model, surgery, f"{prefix}.surgery")
     train = None
     if mode in ("train", "blockwise", "finetune"):
-        train = validate_section(TrainConfig, sections["train"], f"{prefix}.train")
+        train = validate_section(TrainConfig, sections["train"], f"{prefix}.train", context)
     return model, train, surgery, distill
 
 
@@ -537,7 +748,8 @@ def _student_config(teacher: ModelConfig, surgery: SurgeryConfig, where: str) ->
     return student
 
 
-def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path) -> list[ResolvedRun]:
+def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path,
+                   context: dict | None = None) -> list[ResolvedRun]:
     group = spec.groups[gi]
     out = []
     earlier: dict[str, ModelConfig] = {}
@@ -545,13 +757,14 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
         prefix = f"groups[{gi}]({group.name}).runs[{ri}]({run.id})"
         sections = {s: deep_merge(getattr(spec, s), getattr(run, s)) for s in SECTIONS}
         sections = _apply_parsed(sections, post)
-        model, train, surgery, distill = _resolve_mode(run, sections, prefix, earlier)
+        model, train, surgery, distill = _resolve_mode(run, sections, prefix, earlier, context)
         data = validate_section(DataConfig, sections["data"], f"{prefix}.data")
         if data.source == "teacher" and run.teacher is None:
             raise ConfigError(f"{prefix}.data.source", "'teacher' samples need the run's 'teacher'", "teacher")
         cache = validate_section(CacheConfig, sections["cache"], f"{prefix}.cache")
         _check_cache_fields(cache, model, f"{prefix}.cache")
         verify = validate_section(VerifyConfig, run.verify, f"{prefix}.verify") if run.verify is not None else None
+        _check_seq_len(model, train, run.mode, prefix)
         resolved = {s: (cfg.model_dump(mode="json") if cfg is not None else None)
                     for s, cfg in zip(SECTIONS, (model, data, train, cache))}
         resolved["run"] = {"mode": run.mode, "teacher": run.teacher, "init_from": run.init_from,

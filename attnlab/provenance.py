@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.fsutil import atomic_write_text
+from attnlab.fsutil import append_text, atomic_write_text, write_error
 
 COMMAND, RESOLVED, ENV = "command.txt", "resolved_config.json", "env.json"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -73,11 +73,16 @@ def environment(world_size: int | None = None) -> dict[str, Any]:
 
 def write_provenance(run_dir: str | os.PathLike, command: str, resolved: dict, *,
                      world_size: int | None = None) -> None:
-    """Append ``command`` to ``command.txt``; write ``resolved_config.json`` and ``env.json``."""
+    """Append ``command`` to ``command.txt``; write ``resolved_config.json`` and ``env.json``.
+
+    Callers write these only after a resume has been checked, so a refused resume leaves them as
+    they were. A failed write is a one-line ``WriteError`` naming the file."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / COMMAND, "a", encoding="utf-8") as f:
-        f.write(" ".join(command.splitlines()) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(run_dir, err, "cannot create folder") from None
+    append_text(run_dir / COMMAND, " ".join(command.splitlines()) + "\n")
     atomic_write_text(run_dir / RESOLVED, json.dumps(resolved, indent=2, sort_keys=False) + "\n")
     env = environment(world_size)
     previous: list = []
@@ -85,7 +90,7 @@ def write_provenance(run_dir: str | os.PathLike, command: str, resolved: dict, *
         try:
             old = json.loads((run_dir / ENV).read_text(encoding="utf-8"))
             previous = old.pop("previous", []) + [old]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, OSError):
             previous = []
     if previous:
         env["previous"] = previous

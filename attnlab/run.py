@@ -5,6 +5,7 @@ Under torchrun the same functions run on every rank; rank 0 alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import os
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlab.errors import ConfigError, DataError
+from attnlab.errors import AttnlabError, ConfigError, DataError
+from attnlab.fsutil import describe_os_error, folder_lock, remove_stale_temps_in
+from attnlab.paths import check_run_dir, shorten
 from attnlab.provenance import write_provenance
-from attnlab.train.checkpoint import check_compatible, read_checkpoint
+from attnlab.train.checkpoint import check_compatible, load_resume_checkpoint
 from attnlab.train.distributed import DistInfo, barrier, dist_env, distributed_session, resolve_device
 from attnlab.train.evaluate import perplexity
 from attnlab.train.loop import BEST, EVENTS, LAST, build_trainer, count_parameters
@@ -92,14 +95,63 @@ def _archive_previous(run_dir: Path) -> None:
 
 
 def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo, model_config=None) -> dict | None:
-    path = Path(run.run_dir) / LAST
-    if not path.is_file():
-        return None
-    ckpt = read_checkpoint(path)
-    check_compatible(ckpt, path, model_config=(model_config or run.model).model_dump(mode="json"),
-                     train_config=run.train.model_dump(mode="json"), data_description=data_description,
-                     world_size=info.world_size)
-    return ckpt
+    """``last.pt`` (or, when it is damaged, ``best.pt``: logged) after the compatibility check;
+    None for a fresh run."""
+    def compatible(ckpt, path):
+        check_compatible(ckpt, path, model_config=(model_config or run.model).model_dump(mode="json"),
+                         train_config=run.train.model_dump(mode="json"), data_description=data_description,
+                         world_size=info.world_size)
+
+    return load_resume_checkpoint(run.run_dir, last=LAST, fallback=BEST, check=compatible,
+                                  log=None if info.is_main else (lambda message: None))
+
+
+def check_run_paths(run: "ResolvedRun") -> Path:
+    """The run folder ``<out_dir>/<name>/<group>/<id>`` after checking that its user-named parts
+    are safe file names and that it stays inside ``out_dir`` (``ConfigError`` otherwise)."""
+    group, run_id = shorten(str(run.group)), shorten(str(run.run_id))
+    return check_run_dir(run.run_dir, {"name": run.name, f"groups({group}).name": run.group,
+                                       f"groups({group}).runs({run_id}).id": run.run_id})
+
+
+def check_plan_paths(plan: "Plan") -> None:
+    """Every file name a plan's runs and benchmarks will build, checked before anything is written."""
+    for run in plan.runs:
+        check_run_paths(run)
+    from attnlab.bench.suite import check_bench_names
+
+    for group, benches in plan.benchmarks.items():
+        check_bench_names(benches, f"groups({shorten(str(group))}).benchmarks")
+
+
+def run_lock(run: "ResolvedRun", info: DistInfo = DistInfo()):
+    """The run folder's exclusive lock (rank 0 holds it for every rank), after checking its path."""
+    run_dir = check_run_paths(run)
+    return _locked_and_clean(run_dir, run.key) if info.is_main else contextlib.nullcontext(run_dir)
+
+
+@contextlib.contextmanager
+def _locked_and_clean(run_dir: Path, key: str):
+    with folder_lock(run_dir, f"run {key}"):
+        remove_stale_temps_in(run_dir)  # temp files of killed writers (live writers' are kept)
+        yield run_dir
+
+
+class OneLineOSErrors:
+    """Turn an ``OSError`` escaping training (a full disk during a checkpoint or log write) into
+    one ``AttnlabError`` line naming the file and the cause."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, OSError) and not isinstance(err, AttnlabError):
+            where = err.filename if err.filename else self.what
+            raise AttnlabError(f"{where}: {describe_os_error(err)}") from None
+        return False
 
 
 def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
@@ -108,25 +160,24 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
     """Train ``run`` in ``run.run_dir``, resuming from its ``last.pt`` when ``resume`` (a finished
     run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse.
     Distillation passes the student's real ``model_config``, a ``model_factory`` that loads its
-    starting weights, the ``objective`` and which parameters are ``trainable``."""
+    starting weights, the ``objective`` and which parameters are ``trainable``.
+
+    The run folder is locked for the whole run (a second process gets a one-line error naming
+    this one's pid). Its records (``command.txt``, ``resolved_config.json``, ``env.json``) are
+    written only once the resume point has been checked and restored, so a refused resume leaves
+    them as they were."""
     from attnlab.model import build_model
 
     model_config = model_config or run.model
     model_factory = model_factory or (lambda: build_model(model_config))
 
     cfg, run_dir = run.train, Path(run.run_dir)
+    check_run_paths(run)
     device = resolve_device(cfg.device, dist_env())
-    with distributed_session(device) as info:
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+    with distributed_session(device) as info, run_lock(run, info), OneLineOSErrors(str(run_dir)):
         splits = splits if splits is not None else load_run_data(run, info)
         seq_len = _sequence_length(run, splits)
         ckpt = _resume_checkpoint(run, splits.description, info, model_config) if resume else None
-        if info.is_main:
-            if ckpt is None:
-                _archive_previous(run_dir)
-            write_provenance(run_dir, command, run.resolved, world_size=info.world_size)
-        barrier()
         _, TrainBatches, eval_batches = _data_api()
         batches = TrainBatches(splits.train, cfg.batch_size, seq_len, cfg.seed,
                                rank=info.rank, world_size=info.world_size, align=align)
@@ -135,6 +186,11 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
                                 run_dir=run_dir, data_description=splits.description, info=info,
                                 device=device, checkpoint=ckpt, meta_config=run.resolved,
                                 objective=objective, trainable=trainable)
+        if info.is_main:  # the resume point is valid and restored: now the records may change
+            if ckpt is None:
+                _archive_previous(run_dir)
+            write_provenance(run_dir, command, run.resolved, world_size=info.world_size)
+        barrier()
         del ckpt
         state = trainer.train(stop_after=stop_after)
         barrier()
@@ -151,6 +207,7 @@ def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResu
     by several runs is loaded once."""
     if not plan.runs:
         return []
+    check_plan_paths(plan)  # before anything is written
     results: list[RunResult] = []
     first_train = next((r.train for r in plan.runs if r.train is not None), None)
     device = resolve_device(first_train.device if first_train else "auto", dist_env())
@@ -187,12 +244,14 @@ def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_ben
     from attnlab.bench.suite import Target, run_benchmarks
     from attnlab.report import write_report
 
+    check_plan_paths(plan)
     runs = plan.group_runs(group)
     siblings = {r.run_id: Path(r.run_dir) for r in runs}
     if run_benchmarks_first:
         for run in runs:
             target = Target(run.run_dir, key=run.key, siblings=siblings)
-            run_benchmarks(plan.benchmarks.get(group, []), target, command, progress=lambda m: print(m, flush=True))
+            run_benchmarks(plan.benchmarks.get(group, []), target, command,  # locks the run folder
+                           progress=lambda m: print(m, flush=True))
     folder = group_report_dir(plan, group)
     files = write_report([r.run_dir for r in runs], folder, title=f"{plan.name} / {group}", command=command)
     print(f"report: {files.markdown} ({len(files.plots)} plots, {len(files.tables)} LaTeX tables)", flush=True)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from attnlab.errors import AttnlabError
+from attnlab.fsutil import atomic_write_text
+from attnlab.paths import safe_child
 from attnlab.provenance import write_provenance
 from attnlab.train.checkpoint import FORMAT, VERSION, save_checkpoint
 from attnlab.train.distributed import DistInfo, resolve_device
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 def resolve_ref(ref: str, run: "ResolvedRun") -> Path:
     """``run:<id>`` -> that run's folder in the same group; anything else is a path."""
     if ref.startswith("run:"):
-        return Path(run.run_dir).parent / ref[4:]
+        return safe_child(Path(run.run_dir).parent, ref[4:], f"groups({run.group}).runs({run.run_id}): {ref}")
     return Path(ref)
 
 
@@ -101,7 +103,7 @@ def run_splits(run: "ResolvedRun", teacher):
     splits = load_splits(data, run.model.vocab_size, cache_dir)
     first = (-len(splits.train)) % align  # the val split's first document start
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run.run_dir) / "heldout.json").write_text(json.dumps(
+    atomic_write_text(Path(run.run_dir) / "heldout.json", json.dumps(
         {"path": str(path.resolve()), "val_start": len(splits.train) + first, "align": align}))
     return dataclasses.replace(splits, val=splits.val[first:]), align
 
@@ -167,7 +169,7 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
             sampler = TrainBatches(splits.train, 4, length, seed=0, align=align)
             calibration = torch.cat([sampler.get(i, 0)[0] for i in range(run.surgery.calibration_batches)]).to(device)
         model, report = upcycle(teacher, run.surgery.plan(), calibration)
-        (run_dir / "surgery.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        atomic_write_text(run_dir / "surgery.json", json.dumps(report.to_dict(), indent=2, default=str))
         print(report.summary(), flush=True)
     log.write("meta", config=run.resolved, params=model.num_parameters(), mode=run.mode, source=run.teacher)
     result = Evaluator(eval_set(splits, model, run, align), device)(model)
@@ -213,6 +215,14 @@ def execute_mode_run(run: "ResolvedRun", command: str = "", *, info: DistInfo = 
                      stop_after: int | None = None, **_) -> "RunResult":
     if info.world_size > 1:
         raise AttnlabError(f"{run.key}: mode {run.mode!r} runs in one process; start it without torchrun")
+    from attnlab.run import OneLineOSErrors, run_lock
+
+    with run_lock(run, info), OneLineOSErrors(str(run.run_dir)):
+        return _execute_mode_run(run, command, info=info, resume=resume, stop_after=stop_after)
+
+
+def _execute_mode_run(run: "ResolvedRun", command: str, *, info: DistInfo, resume: bool,
+                      stop_after: int | None) -> "RunResult":
     device = resolve_device(run.train.device if run.train else "auto", info)
     teacher = load_ref(run.teacher, run, device).eval()
     splits, align = run_splits(run, teacher)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.fsutil import atomic_write_text
+from attnlab.fsutil import atomic_write_text, write_error
+from attnlab.paths import safe_child
 
 
 @dataclass
@@ -48,9 +49,14 @@ class BenchRecord:
         return asdict(self)
 
     def save(self, folder: Path) -> Path:
-        """Write ``<folder>/<benchmark>.json`` atomically."""
-        folder.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(folder / f"{self.benchmark}.json",
+        """Write ``<folder>/<benchmark>.json`` atomically (the name checked to be a safe file name
+        inside ``folder``; a failed write is a one-line error and the previous record stays)."""
+        path = safe_child(folder, self.benchmark, "benchmark id", ".json")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(folder, err, "cannot create folder") from None
+        return atomic_write_text(path,
                                  json.dumps(self.to_dict(), indent=2, default=_jsonable))
 
     @classmethod

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.context import BenchContext, BenchRecord, bench_provenance
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, ConfigError
+from attnlab.fsutil import folder_lock
+from attnlab.paths import check_name
 
 #: benchmark type -> "module:function" (imported on use)
 RUNNERS = {
@@ -50,7 +52,15 @@ class Target:
         self.key = key or f"{self.run_dir.parent.name}/{self.run_dir.name}"
         self.siblings = siblings or {}
         resolved = self.run_dir / "resolved_config.json"
-        self.config = json.loads(resolved.read_text()) if resolved.is_file() else None
+        self.config = None
+        if resolved.is_file():
+            try:
+                self.config = json.loads(resolved.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise AttnlabError(f"{resolved}: unreadable run record ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
+            if not isinstance(self.config, dict):
+                raise AttnlabError(f"{resolved}: expected a JSON object, got {type(self.config).__name__}")
         self._models: dict = {}
         self._heldout = None
         self.align = 1
@@ -102,8 +112,31 @@ def run_benchmark(cfg, target: Target, command: str = "") -> BenchRecord:
     return BenchRecord(cfg.name, cfg.type, target.key, rows, bench_provenance(ctx, cfg.model_dump(mode="json")))
 
 
+def check_bench_names(benches: list, prefix: str = "benchmarks") -> None:
+    """Each benchmark's name (its ``id``, else its type) names its record file: a safe file name,
+    distinct within the list. Checked before anything runs or is written."""
+    seen: dict[str, int] = {}
+    for i, cfg in enumerate(benches):
+        key = f"{prefix}[{i}].id"
+        check_name(cfg.name, key)
+        if cfg.name in seen:
+            raise ConfigError(key, f"{prefix}[{seen[cfg.name]}] has the same name (their records would "
+                                   "overwrite each other); give them distinct ids", cfg.name)
+        seen[cfg.name] = i
+
+
 def run_benchmarks(benches: list, target: Target, command: str = "", *, save: bool = True,
                    progress=print) -> list[BenchRecord]:
+    """Run ``benches`` on ``target``; with ``save``, each record goes to ``<run_dir>/bench/<name>.json``
+    while holding the run folder's lock (a run training there meanwhile is a one-line error)."""
+    check_bench_names(benches)
+    if not save:
+        return _run_all(benches, target, command, save, progress)
+    with folder_lock(target.run_dir, f"run {target.key}"):
+        return _run_all(benches, target, command, save, progress)
+
+
+def _run_all(benches: list, target: Target, command: str, save: bool, progress) -> list[BenchRecord]:
     records = []
     for cfg in benches:
         progress(f"bench {target.key}: {cfg.name} ...")

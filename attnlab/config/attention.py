@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from attnlab.config.base import StrictModel
+from attnlab.config.limits import check_count, limits_from
 
 
 class Llama3RopeScaling(StrictModel):
@@ -24,6 +25,12 @@ class Llama3RopeScaling(StrictModel):
     low_freq_factor: float = Field(1.0, gt=0)
     high_freq_factor: float = Field(4.0, gt=0)
     original_max_position: int = Field(8192, gt=0)
+
+    @field_validator("original_max_position", mode="after")
+    @classmethod
+    def _check_context(cls, value: int, info: ValidationInfo) -> int:
+        check_count(value, limits_from(info.context).max_context, "original_max_position", "max_context")
+        return value
 
     @model_validator(mode="after")
     def _check_order(self) -> "Llama3RopeScaling":
@@ -54,6 +61,13 @@ class _AttentionBase(StrictModel):
     num_kv_heads: int | None = Field(None, gt=0, description="GQA/MQA: defaults to num_heads")
     bias: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("num_heads", "num_kv_heads", "head_dim", "attn_dim", "sem_dim", "geo_dim", "v_dim",
+                     mode="after", check_fields=False)
+    @classmethod
+    def _check_width(cls, value: int | None, info: ValidationInfo) -> int | None:
+        check_count(value, limits_from(info.context).max_width, info.field_name, "max_width")
+        return value
 
     @property
     def kv_heads(self) -> int:

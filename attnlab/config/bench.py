@@ -5,15 +5,54 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from attnlab.config.base import StrictModel
+from attnlab.config.base import _KEYED, StrictModel
+from attnlab.config.limits import check_count, limits_from
+
+#: list fields whose items have a lower bound, checked for manifests by ``validate_benchmarks`` (a
+#: config built directly leaves them to the benchmark, which raises the same ConfigError)
+ITEM_MINIMUM = {"prompt_lengths": 1, "gen_lengths": 0, "contexts": 1, "lengths": 1}
+
+
+def _check_policy_text(text: str | None) -> str | None:
+    """A cache policy string must parse (known fields and formats) at compile time."""
+    if text is None:
+        return None
+    from attnlab.cache.policy import CachePolicy
+    from attnlab.errors import ConfigError
+
+    try:
+        CachePolicy.parse(text)
+    except ConfigError as err:
+        reason = str(err).split(" (got ")[0]
+        raise ValueError(f"not a valid cache policy: {reason}") from None
+    return text
+
+
+def _check_lengths(value, info: ValidationInfo):
+    """Lengths/contexts/seq_len at most ``limits.max_context``."""
+    maximum = limits_from(info.context).max_context
+    if not isinstance(value, list):
+        check_count(value, maximum, info.field_name, "max_context")
+        return value
+    for i, item in enumerate(value):
+        try:
+            check_count(item, maximum, f"{info.field_name}[{i}]", "max_context")
+        except ValueError as err:
+            raise ValueError(f"{_KEYED}[{i}]: {err}") from None
+    return value
 
 
 class _BenchBase(StrictModel):
     id: str | None = Field(None, description="name of this benchmark's outputs; default: its type")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+    @field_validator("policy", mode="after", check_fields=False)
+    @classmethod
+    def _check_policy(cls, value: str | None) -> str | None:
+        return _check_policy_text(value)
 
     @property
     def name(self) -> str:
@@ -29,6 +68,18 @@ class PerplexityBench(_BenchBase):
     batch_size: int = Field(8, gt=0)
     policies: list[str] = Field(default_factory=list, description="cache policies; empty: fp16 q8_0 q4_0 nf4 + heterogeneous")
 
+    @field_validator("policies", mode="after")
+    @classmethod
+    def _check_policies(cls, value: list[str]) -> list[str]:
+        for i, text in enumerate(value):
+            try:
+                _check_policy_text(text)
+            except ValueError as err:
+                raise ValueError(f"{_KEYED}[{i}]: {text!r} is {err}") from None
+        return value
+
+    _lengths = field_validator("seq_len", mode="after")(_check_lengths)
+
 
 class LatencyBench(_BenchBase):
     """Prefill tokens/s and decode ms/token over prompt lengths x generation lengths."""
@@ -41,6 +92,8 @@ class LatencyBench(_BenchBase):
     repeats: int = Field(5, gt=0)
     policy: str | None = None
 
+    _lengths = field_validator("prompt_lengths", "gen_lengths", mode="after")(_check_lengths)
+
 
 class MemoryBench(_BenchBase):
     """KV bytes/token analytic vs allocated, peak device memory, and the long-context
@@ -52,6 +105,8 @@ class MemoryBench(_BenchBase):
     measure_up_to: int = Field(8192, gt=0, description="measure allocations up to this context; estimate beyond")
     chunk: int | None = Field(None, gt=0, description="prefill chunk; default block_size")
 
+    _lengths = field_validator("contexts", "measure_up_to", mode="after")(_check_lengths)
+
 
 class ContextSweepBench(_BenchBase):
     """Chunked prefill to each length; last-chunk loss, prefill time, decode-at-context ms, ok.
@@ -62,6 +117,8 @@ class ContextSweepBench(_BenchBase):
     chunk: int | None = Field(None, gt=0, description="prefill chunk; default block_size")
     policy: str | None = None
     decode_tokens: int = Field(4, gt=0)
+
+    _lengths = field_validator("lengths", mode="after")(_check_lengths)
 
 
 class DownstreamTask(StrictModel):
@@ -91,11 +148,14 @@ class QualityBench(_BenchBase):
     top_k: int = Field(5, gt=0)
     greedy_tokens: int = Field(32, gt=0)
 
-    @model_validator(mode="after")
-    def _check_reference(self) -> "QualityBench":
-        if self.reference != "fp16" and not self.reference.startswith("run:"):
-            raise ValueError(f"reference must be 'fp16' or 'run:<id>', got {self.reference!r}")
-        return self
+    _lengths = field_validator("seq_len", mode="after")(_check_lengths)
+
+    @field_validator("reference", mode="after")
+    @classmethod
+    def _check_reference(cls, value: str) -> str:
+        if value != "fp16" and not (value.startswith("run:") and len(value) > 4):
+            raise ValueError("reference must be 'fp16' or 'run:<id>'")
+        return value
 
 
 BenchConfig = Annotated[
@@ -104,8 +164,9 @@ BenchConfig = Annotated[
 ]
 
 
-def validate_benchmarks(items: list, prefix: str) -> list:
-    """Validate a list of benchmark mappings; errors name ``prefix[i].key``."""
+def validate_benchmarks(items: list, prefix: str, context: dict | None = None) -> list:
+    """Validate a list of benchmark mappings; errors name ``prefix[i].key``. ``context``:
+    ``{"limits": Limits}`` (lengths and contexts are checked against ``max_context``)."""
     from pydantic import TypeAdapter, ValidationError
 
     from attnlab.config.base import validation_error_to_config_error
@@ -118,9 +179,13 @@ def validate_benchmarks(items: list, prefix: str) -> list:
         if not isinstance(item, dict):
             raise ConfigError(where, "expected a mapping with a 'type'", item)
         try:
-            cfg = adapter.validate_python(item, strict=True)
+            cfg = adapter.validate_python(item, strict=True, context=context)
         except ValidationError as err:
             raise validation_error_to_config_error(err, where, item) from None
+        for key, minimum in ITEM_MINIMUM.items():
+            for j, value in enumerate(getattr(cfg, key, None) or []):
+                if value < minimum:
+                    raise ConfigError(f"{where}.{key}[{j}]", f"must be >= {minimum}", value)
         if cfg.name in names:
             raise ConfigError(f"{where}.id", "duplicate benchmark name in this group; give each an 'id'", cfg.name)
         names.add(cfg.name)

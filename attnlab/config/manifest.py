@@ -16,10 +16,11 @@ from pydantic import AfterValidator, Field, field_validator
 
 from attnlab.config.upcycle import RunMode
 from attnlab.config.base import StrictModel, validate_section
+from attnlab.config.limits import Limits, default_limits
 from attnlab.errors import ConfigError
 
 MANIFEST_VERSION = 1
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"  # with _safe_name below: attnlab.paths.NAME_RE
 # Every key a manifest file (or a file it extends) may have at its top level.
 TOP_LEVEL_KEYS = (
     "version", "name", "description", "extends", "vars", "defaults", "model", "data", "train", "cache", "groups",
@@ -27,14 +28,16 @@ TOP_LEVEL_KEYS = (
 SECTIONS = ("model", "data", "train", "cache")
 
 
-def _not_only_dots(value: str) -> str:
+def _safe_name(value: str) -> str:
     if value.strip(".") == "":
         raise ValueError("must not consist of dots only (it names a folder)")
+    if value.startswith("."):
+        raise ValueError("must not start with '.' (it names a folder)")
     return value
 
 
 # Used in folder names: <out_dir>/<name>/<group>/<run_id>.
-Name = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_only_dots)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_safe_name)]  # length: attnlab.paths
 
 
 def _none_is_empty(value: Any) -> Any:
@@ -47,6 +50,15 @@ class ManifestDefaults(StrictModel):
     working directory); each run writes to ``<out_dir>/<manifest name>/<group>/<run id>``."""
 
     out_dir: str = Field("runs", min_length=1)
+    limits: Limits = Field(default_factory=default_limits, description="size limits checked before anything is built")
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _limits_over_env(cls, value: Any) -> Any:
+        # keys not given keep the environment's (ATTNLAB_MAX_*) or built-in value
+        if isinstance(value, dict):
+            return {**default_limits().model_dump(), **value}
+        return value
 
 
 class RunSpec(StrictModel):

@@ -31,6 +31,11 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = False
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or grad norm: stop the run (keeping the last good checkpoints) "
+                            "or skip that step (no optimizer update) and log it")
+    max_nonfinite_skips: int = Field(
+        10, ge=0, description="with on_nonfinite: skip, stop after more than this many consecutive skipped steps")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -16,6 +16,7 @@ Hugging Face names (``q_proj``, ``num_key_value_heads`` ...) stay inside this mo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -41,7 +42,7 @@ from attnlab.convert.common import (
 from attnlab.errors import AttnlabError, CheckpointError
 from attnlab.model.decoder import DecoderLM
 from attnlab.nn.rope import rope_inv_freq
-from attnlab.fsutil import fsync_path
+from attnlab.fsutil import fsync_path, make_public, write_error
 
 # model_type -> architecture; both use Llama's tensor names and forward
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -74,32 +75,82 @@ def read_hf_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (OSError, ValueError) as err:  # unreadable; an integer over Python's 4300-digit limit
+        reason = getattr(err, "strerror", None) or _one_line(err)
+        raise CheckpointError(f"{path}: not valid JSON ({reason[:160]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
 def is_llama_family(hf: dict) -> bool:
+    """Whether ``model_type`` or ``architectures`` names a Llama-family model (values of the wrong
+    type count as no match; :func:`hf_config_to_model_config` reports them)."""
+    model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    return hf.get("model_type") in LLAMA_FAMILY or any(a in LLAMA_FAMILY.values() for a in archs)
+    if not isinstance(archs, list):
+        archs = []
+    return ((isinstance(model_type, str) and model_type in LLAMA_FAMILY)
+            or any(isinstance(a, str) and a in LLAMA_FAMILY.values() for a in archs))
+
+
+MAX_HF_INT = 2**31 - 1  # any larger size is a corrupt config (and would overflow torch's int64 maths)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, on one line."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _int(hf: dict, key: str, where: str, default=None) -> int:
     value = hf.get(key, default)
     if value is None and default is None:
         raise CheckpointError(f"{where}: required key {key} is missing")
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CheckpointError(f"{where}: {key} must be a positive integer (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_HF_INT:
+        raise CheckpointError(f"{where}: {key} must be a positive integer <= {MAX_HF_INT} (got {_short(value)})")
     return value
 
 
 def _float(value, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise CheckpointError(f"{where}: {key} must be a positive number (got {value!r})")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        raise CheckpointError(f"{where}: {key} must be a positive finite number (got {_short(value)})")
     return float(value)
+
+
+# key -> (allowed JSON types, description) for the keys read here; checked before anything else
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model_type": ((str,), "a string"),
+    "architectures": ((list,), "a list of strings"),
+    "hidden_act": ((str,), "a string"),
+    "sliding_window": ((int,), "an integer or null"),
+    "use_sliding_window": ((bool,), "true or false"),
+    "partial_rotary_factor": ((int, float), "a number"),
+    "rope_theta": ((int, float), "a number"),
+    "rope_scaling": ((dict,), "a mapping or null"),
+    "rope_parameters": ((dict,), "a mapping or null"),
+    "head_dim": ((int,), "an integer or null"),
+}
+
+
+def _check_types(hf: dict, where: str) -> None:
+    """One-line ``CheckpointError`` for a key of the wrong JSON type (``model_type`` a list,
+    ``architectures: 5``, ``sliding_window: "abc"`` ...); null means "absent" for all of them."""
+    for key, (types, what) in _TYPES.items():
+        value = hf.get(key)
+        if value is None:
+            continue
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise CheckpointError(f"{where}: {key} must be {what} (got {_short(value)})")
+    archs = hf.get("architectures")
+    if isinstance(archs, list) and not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"{where}: architectures must be a list of strings (got {_short(archs)})")
 
 
 def _bool(hf: dict, key: str, where: str, default: bool) -> bool:
@@ -116,7 +167,7 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
     if params is not None:
         if not isinstance(params, dict) or not {"rope_type", "type", "rope_theta"} & set(params):
             raise CheckpointError(f"{where}: rope_parameters must be one mapping with rope_type/rope_theta "
-                                  f"(per-layer-type RoPE is unsupported), got {params!r}")
+                                  f"(per-layer-type RoPE is unsupported), got {_short(params)}")
         key, scaling, theta = "rope_parameters", params, params.get("rope_theta", hf.get("rope_theta", 10000.0))
     else:
         key, scaling, theta = "rope_scaling", hf.get("rope_scaling"), hf.get("rope_theta", 10000.0)
@@ -124,12 +175,12 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
     if scaling is None:
         return rope
     if not isinstance(scaling, dict):
-        raise CheckpointError(f"{where}: {key} must be a mapping or null (got {scaling!r})")
+        raise CheckpointError(f"{where}: {key} must be a mapping or null (got {_short(scaling)})")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
+    if rope_type is None or rope_type == "default":
         return rope
     if rope_type != "llama3":
-        raise CheckpointError(f"{where}: {key}.rope_type={rope_type!r} is unsupported "
+        raise CheckpointError(f"{where}: {key}.rope_type={_short(rope_type)} is unsupported "
                               f"(attnlab imports 'default' and 'llama3' RoPE)")
     fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     for name in fields:
@@ -146,23 +197,26 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
 def hf_config_to_model_config(hf: dict, where: str = "config.json") -> ModelConfig:
     """Translate a Llama-family ``config.json`` into an attnlab ``ModelConfig``; anything attnlab
     cannot express raises ``CheckpointError`` naming the key."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    _check_types(hf, where)
     if not is_llama_family(hf):
-        raise CheckpointError(f"{where}: model_type={hf.get('model_type')!r} / architectures="
-                              f"{hf.get('architectures')!r} is not a Llama-family model (supported: "
+        raise CheckpointError(f"{where}: model_type={_short(hf.get('model_type'))} / architectures="
+                              f"{_short(hf.get('architectures'))} is not a Llama-family model (supported: "
                               f"{', '.join(LLAMA_FAMILY)})")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise CheckpointError(f"{where}: hidden_act={act!r} is unsupported (Llama's SwiGLU needs 'silu')")
+        raise CheckpointError(f"{where}: hidden_act={_short(act)} is unsupported (Llama's SwiGLU needs 'silu')")
     if hf.get("quantization_config") is not None:
         raise CheckpointError(f"{where}: quantization_config is set; quantized checkpoints are unsupported")
-    if hf.get("partial_rotary_factor", 1.0) not in (1, 1.0):
-        raise CheckpointError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']!r} is unsupported (needs 1.0)")
+    if hf.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise CheckpointError(f"{where}: partial_rotary_factor={_short(hf['partial_rotary_factor'])} is unsupported (needs 1.0)")
     d_model = _int(hf, "hidden_size", where)
     num_heads = _int(hf, "num_attention_heads", where)
     max_pos = _int(hf, "max_position_embeddings", where, 2048)
     window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True) and window < max_pos:
-        raise CheckpointError(f"{where}: sliding_window={window!r} is unsupported (attnlab attends to the full context)")
+    if window is not None and hf.get("use_sliding_window") is not False and window < max_pos:
+        raise CheckpointError(f"{where}: sliding_window={_short(window)} is unsupported (attnlab attends to the full context)")
     attention: dict = {
         "type": "standard",
         "num_heads": num_heads,
@@ -190,7 +244,12 @@ def hf_config_to_model_config(hf: dict, where: str = "config.json") -> ModelConf
     try:
         return validate_section(ModelConfig, data, "model")
     except AttnlabError as err:
-        raise CheckpointError(f"{where}: does not describe a valid model ({err})") from None
+        raise CheckpointError(f"{where}: does not describe a valid model ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------- safetensors
@@ -217,8 +276,8 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError, OSError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' of tensor -> file)")
@@ -253,6 +312,7 @@ def load_hf_llama(path: str | Path, *, dtype: str | torch.dtype | None = None) -
     want = parse_dtype(dtype)
     cfg = hf_config_to_model_config(read_hf_config(folder), f"{folder / 'config.json'}")
     tensors = {k: v for k, v in read_safetensors(folder).items() if not _IGNORED.search(k)}
+    check_weights_against_config(cfg, tensors, str(folder))
     spec = cfg.attention
     names = tensor_names(cfg.num_layers, attention_bias=spec.bias, mlp_bias=cfg.mlp.bias,
                          tied=cfg.tie_embeddings)
@@ -273,6 +333,48 @@ def load_hf_llama(path: str | Path, *, dtype: str | torch.dtype | None = None) -
         raise CheckpointError(f"{folder}: weights are {target}, not floating point")
     state = {k: v.to(target) for k, v in state.items()}
     return model_from_state(cfg, state, str(folder), source_names=names)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(shapes of the non-layer tensors, shapes of one layer's tensors by their name inside the
+    layer) that ``cfg`` implies, in Hugging Face names, computed without building a model."""
+    spec = cfg.attention
+    dims = attention_dims(spec, cfg.d_model)
+    d, d_ff = cfg.d_model, cfg.mlp.hidden_dim(cfg.d_model)
+    q_out, k_out = dims.num_heads * dims.qk_head_dim, dims.num_kv_heads * dims.qk_head_dim
+    v_out, o_in = dims.num_kv_heads * dims.v_head_dim, dims.num_heads * dims.v_head_dim
+    top = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,),
+           "lm_head.weight": (cfg.vocab_size, d)}
+    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+    for name, w, b in (("q_proj", (q_out, d), (q_out,)), ("k_proj", (k_out, d), (k_out,)),
+                       ("v_proj", (v_out, d), (v_out,)), ("o_proj", (d, o_in), (d,))):
+        layer[f"self_attn.{name}.weight"], layer[f"self_attn.{name}.bias"] = w, b
+    for name, w, b in (("gate_proj", (d_ff, d), (d_ff,)), ("up_proj", (d_ff, d), (d_ff,)),
+                       ("down_proj", (d, d_ff), (d,))):
+        layer[f"mlp.{name}.weight"], layer[f"mlp.{name}.bias"] = w, b
+    return top, layer
+
+
+def check_weights_against_config(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Layer count and tensor shapes of ``tensors`` (Hugging Face names) against ``cfg``, before any
+    model is built: a ``config.json`` claiming a million layers for a file holding two fails here
+    at once instead of building a million-layer skeleton. Names the config does not know are left
+    to the exact name check that follows."""
+    layers = {int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
+    if len(layers) < cfg.num_layers:
+        raise CheckpointError(f"{source}: config.json has num_hidden_layers={cfg.num_layers} but the weights "
+                              f"hold tensors for {len(layers)} layer(s)")
+    top, per_layer = _expected_shapes(cfg)
+    for name, tensor in tensors.items():
+        m = _LAYER.match(name)
+        want = per_layer.get(m.group(2)) if m else top.get(name)
+        if m and int(m.group(1)) >= cfg.num_layers:
+            continue  # an unexpected layer: reported by name later
+        if want is not None and tuple(tensor.shape) != want:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the config needs {want}")
 
 
 # ---------------------------------------------------------------- export
@@ -394,17 +496,24 @@ def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dt
         storages.add(t.untyped_storage().data_ptr())
         tensors[theirs] = t
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise write_error(out, err, "cannot create export folder") from None
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in ("config.json", "model.safetensors"):
+            make_public(tmp / name)  # safetensors creates its file 0600: give both the umask's mode
             fsync_path(tmp / name)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
+    except OSError as err:  # a full disk, a read-only folder: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,7 +66,21 @@ def read_header(path: Path) -> dict[str, int]:
         raise CheckpointError(f"{path}: dim={head['dim']} must split into n_heads={head['n_heads']} heads of even size")
     if head["n_heads"] % head["n_kv_heads"]:
         raise CheckpointError(f"{path}: n_heads={head['n_heads']} is not a multiple of n_kv_heads={head['n_kv_heads']}")
+    _check_size(path, head)  # before anything is built from the header (compile-time sources too)
     return head
+
+
+def _check_size(path: Path, h: dict[str, int]) -> None:
+    """The file holds exactly the float32 arrays the header implies: a header claiming a billion
+    layers in a few-byte file fails here, before any config or model is built from it."""
+    expected = HEADER_BYTES + 4 * sum(int(np.prod(shape, dtype=object)) for _, shape in _layout(h))
+    actual = Path(path).stat().st_size
+    if actual != expected:
+        what = "truncated" if actual < expected else "larger than the header implies"
+        header = ", ".join(f"{k}={h[k]}" for k in _HEADER_NAMES)
+        raise CheckpointError(f"{path}: {what}: the header ({header}, "
+                              f"{'shared' if h['shared_classifier'] else 'separate'} classifier) needs "
+                              f"{expected} bytes, the file has {actual}")
 
 
 def _layout(h: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
@@ -109,8 +123,9 @@ def llama2c_model_config(h: dict[str, int], rope_style: str = "interleaved") -> 
     }
     try:
         return validate_section(ModelConfig, data, "model")
-    except AttnlabError as err:  # e.g. an odd head size
-        raise CheckpointError(f"llama2.c header does not describe a valid model ({err})") from None
+    except AttnlabError as err:  # e.g. an odd head size, or sizes over the configured limits
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"llama2.c header does not describe a valid model ({first})") from None
 
 
 def load_llama2c(path: str | Path, *, rope_style: str = "interleaved") -> DecoderLM:
@@ -123,16 +138,8 @@ def load_llama2c(path: str | Path, *, rope_style: str = "interleaved") -> Decode
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such llama2.c checkpoint")
-    h = read_header(path)
+    h = read_header(path)  # checks the file size against the header too
     layout = _layout(h)
-    expected = HEADER_BYTES + 4 * sum(int(np.prod(shape)) for _, shape in layout)
-    actual = path.stat().st_size
-    if actual != expected:
-        what = "truncated" if actual < expected else "larger than the header implies"
-        header = ", ".join(f"{k}={h[k]}" for k in _HEADER_NAMES)
-        raise CheckpointError(f"{path}: {what}: the header ({header}, "
-                              f"{'shared' if h['shared_classifier'] else 'separate'} classifier) needs "
-                              f"{expected} bytes, the file has {actual}")
     # per-layer arrays are read layer by layer, so every parameter owns its memory (no views into
     # one big buffer: safetensors export and optimizers expect independent tensors)
     arrays: dict[str, list[torch.Tensor] | torch.Tensor] = {}

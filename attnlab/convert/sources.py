@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from attnlab.config.base import validate_section
@@ -15,7 +14,13 @@ def source_model_config(path: str | Path, where: str = "teacher") -> ModelConfig
     or an attnlab ``.pt`` checkpoint."""
     path = Path(path)
     if path.is_dir() and (path / "resolved_config.json").is_file():
-        return validate_section(ModelConfig, json.loads((path / "resolved_config.json").read_text())["model"], where)
+        from attnlab.api import read_json_object
+
+        resolved = path / "resolved_config.json"
+        model = read_json_object(resolved, "resolved_config.json").get("model")
+        if not isinstance(model, dict):
+            raise ConfigError(where, f"{resolved} has no model section (a mapping)", type(model).__name__)
+        return validate_section(ModelConfig, model, where)
     if path.is_dir() and (path / "config.json").is_file():
         from attnlab.convert.hf import hf_config_to_model_config, read_hf_config
 

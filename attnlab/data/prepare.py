@@ -107,8 +107,14 @@ class _TokenWriter:
         fsync_path(self.output.parent)
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -215,11 +221,16 @@ def prepare_files(
     dtype = output_dtype(tok.vocab_size)
     total_bytes = sum(f.size for f in files)
     start = time.perf_counter()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise DataError(f"cannot write token file {output}: it is a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        writer = _TokenWriter(output, dtype)
+    except OSError as err:
+        raise DataError(f"cannot write token file {output}: {_os_reason(err)}") from None
 
     in_hash = hashlib.sha256()
     skipped: list[Path] = []
-    writer = _TokenWriter(output, dtype)
     try:
         pieces = iter_pieces(files, text_field, in_hash, skipped)
         num_docs, done_bytes, truncated = _tokenize_into(
@@ -229,6 +240,9 @@ def prepare_files(
         if writer.max_id >= tok.vocab_size:  # internal invariant of the tokenizers
             raise AssertionError(f"tokenizer {tok.name} produced id {writer.max_id}")
         writer.commit()
+    except OSError as err:  # disk full, output vanished, permissions changed midway
+        writer.abort()
+        raise DataError(f"cannot write token file {output}: {_os_reason(err)}") from None
     except BaseException:
         writer.abort()
         raise
@@ -268,5 +282,13 @@ def prepare_files(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     sidecar.update(extra or {})
-    write_json_atomic(sidecar_path(output), sidecar)
+    try:
+        write_json_atomic(sidecar_path(output), sidecar)
+    except OSError as err:
+        raise DataError(f"cannot write sidecar {sidecar_path(output)}: {_os_reason(err)}") from None
     return stats
+
+
+def _os_reason(err: OSError) -> str:
+    """``err`` as one short line (``strerror`` without the temp-file name it may carry)."""
+    return err.strerror or (str(err).splitlines() or [type(err).__name__])[0]

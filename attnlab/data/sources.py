@@ -150,6 +150,10 @@ def _iter_jsonl(path: Path, text_field: str, hasher) -> Iterator[Piece]:
                 obj = json.loads(stripped)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+            except ValueError as err:  # e.g. an integer literal over Python's 4300-digit limit
+                raise DataError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
@@ -157,6 +161,11 @@ def _iter_jsonl(path: Path, text_field: str, hasher) -> Iterator[Piece]:
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # a JSON escape of a lone surrogate ("\ud800")
+                raise DataError(f"{where}: field {text_field!r} holds an unpaired surrogate "
+                                f"{text[err.start]!r} (not valid Unicode text)") from None
             yield True, text, len(line)
     hasher.update(b"\x00")
 
@@ -164,13 +173,17 @@ def _iter_jsonl(path: Path, text_field: str, hasher) -> Iterator[Piece]:
 def iter_pieces(files: list[InputFile], text_field: str, hasher, skipped: list[Path]) -> Iterator[Piece]:
     """(starts a new document, text, input bytes consumed) in corpus order."""
     for item in files:
-        if item.kind == "jsonl":
-            yield from _iter_jsonl(item.path, text_field, hasher)
-        elif item.from_folder and not _is_text(item.path):
-            skipped.append(item.path)
-            yield False, "", item.size
-        else:
-            yield from _iter_text_file(item.path, hasher)
+        try:
+            if item.kind == "jsonl":
+                yield from _iter_jsonl(item.path, text_field, hasher)
+            elif item.from_folder and not _is_text(item.path):
+                skipped.append(item.path)
+                yield False, "", item.size
+            else:
+                yield from _iter_text_file(item.path, hasher)
+        except OSError as err:  # unreadable input (permissions, I/O error, vanished midway)
+            reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+            raise DataError(f"cannot read {item.path}: {reason}") from None
 
 
 def inputs_fingerprint(files: list[InputFile]) -> list[list]:

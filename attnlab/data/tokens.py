@@ -75,8 +75,13 @@ def _open_npy(path: Path) -> np.ndarray:
             read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, _fortran, dtype = read_header(f)
             offset = f.tell()
-    except ValueError as err:
-        raise DataError(f"{path} is not a valid .npy file ({err})") from None
+    except OSError as err:
+        raise DataError(f"cannot read token file {path}: {err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 -- numpy's header parser raises ValueError, SyntaxError, TokenError ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(f"{path} is not a valid .npy file ({reason})") from None
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise DataError(f"{path} is not a valid .npy file (shape {shape!r})")
     if len(shape) != 1:
         raise DataError(f"{path} holds an array of shape {shape}; token files are 1-D")
     if dtype.name not in NPY_DTYPES:
@@ -98,6 +103,11 @@ def read_sidecar(token_file: Path) -> dict | None:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"sidecar {side} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"sidecar {side} is not valid JSON (nested too deeply)") from None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise DataError(f"sidecar {side} is unreadable ({reason})") from None
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise DataError(f"sidecar {side} is not an attnlab token sidecar (format {SIDECAR_FORMAT})")
     return data

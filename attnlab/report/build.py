@@ -8,10 +8,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnlab.fsutil import atomic_write_text
+from attnlab.errors import AttnlabError
+from attnlab.fsutil import atomic_write_text, write_error
+from attnlab.paths import check_name, safe_child
 from attnlab.report import plots
 from attnlab.report.collect import RunData, load_run
 from attnlab.report.tables import Table, benchmark_tables, summary_table
+
+
+RESERVED_TABLES = ("summary", "curves")  # the report's own tables (csv/<name>.csv)
 
 
 @dataclass
@@ -34,17 +39,25 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
                  command: str = "") -> ReportFiles:
     runs = [load_run(d) for d in run_dirs]
     folder = Path(out_dir)
-    (folder / "tables").mkdir(parents=True, exist_ok=True)
-    (folder / "csv").mkdir(exist_ok=True)
-    files = ReportFiles(folder)
-
     summary = summary_table(runs)
     benches = benchmark_tables(runs)
     all_tables: list[tuple[str | None, Table]] = [(None, summary)] + [(kind, t) for kind, t in benches.values()]
+    for _, table in all_tables[1:]:  # benchmark names become file names: check before writing any
+        check_name(table.name, "benchmark")
+        if table.name in RESERVED_TABLES:
+            raise AttnlabError(f"benchmark {table.name!r}: the name is taken by the report's own "
+                               f"{table.name} table; give the benchmark another id")
+    try:
+        (folder / "tables").mkdir(parents=True, exist_ok=True)
+        (folder / "csv").mkdir(exist_ok=True)
+    except OSError as err:
+        raise write_error(folder, err, "cannot create report folder") from None
+    files = ReportFiles(folder)
     for kind, table in all_tables:
-        files.csv[table.name] = atomic_write_text(folder / "csv" / f"{table.name}.csv", table.to_csv())
-        files.tables[table.name] = atomic_write_text(folder / "tables" / f"{table.name}.tex",
-                                          table.to_latex(table.display_columns(kind)))
+        files.csv[table.name] = atomic_write_text(safe_child(folder / "csv", table.name, "benchmark", ".csv"),
+                                                  table.to_csv())
+        files.tables[table.name] = atomic_write_text(safe_child(folder / "tables", table.name, "benchmark", ".tex"),
+                                                     table.to_latex(table.display_columns(kind)))
     files.csv["curves"] = atomic_write_text(folder / "csv" / "curves.csv", curves_table(runs).to_csv())
 
     by_type = {kind: table for kind, table in benches.values()}

@@ -19,10 +19,16 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """Render to memory, then write atomically (a full disk: one-line error, old plot kept)."""
+    import io
+
+    from attnlab.fsutil import atomic_write_bytes
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: reproducible bytes
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})  # no version stamp: reproducible bytes
     _pyplot().close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def loss_curves(runs: list[RunData], path: Path) -> Path | None:

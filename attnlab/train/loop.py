@@ -6,11 +6,23 @@ Files in ``run_dir``: ``train.jsonl`` (events ``meta``, ``train``, ``eval``, ``d
 held-out loss improves). ``train.jsonl`` is append-only: a resumed run adds a ``meta`` event
 (``resumed_from``), and after a hard crash the steps between the last checkpoint and the crash
 are logged again; the later event for a step is the one the final weights followed.
+
+Non-finite guard: a NaN/inf training loss or gradient norm never updates the weights. With
+``train.on_nonfinite: stop`` (default) the run writes a ``nan`` event and raises
+``NonFiniteError`` (one line naming the step; the CLI exits 2); ``last.pt``/``best.pt`` are left
+as they were. With ``skip`` the step is counted but makes no update and a ``nan_skipped`` event is
+written; more than ``train.max_nonfinite_skips`` consecutive skips stop as above. A non-finite
+held-out loss never becomes ``best.pt`` (and stops the run in ``stop`` mode); a checkpoint whose
+tensors are not all finite is never written (``nan`` event with ``phase: checkpoint``, stop).
+Other events: ``repair`` (a torn ``train.jsonl`` tail was cut on resume), ``warning`` (e.g. a
+damaged ``last.pt`` replaced by ``best.pt`` as the resume point).
 """
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -21,7 +33,7 @@ from torch import nn
 
 from attnlab.config.train import TrainConfig
 from attnlab.progress import Progress
-from attnlab.train.checkpoint import save_checkpoint
+from attnlab.train.checkpoint import first_nonfinite, save_checkpoint
 from attnlab.train.distributed import (DistInfo, ParallelModel, all_reduce_mean, apply_ddp,
                                        resolve_device)
 from attnlab.train.evaluate import Evaluator
@@ -30,7 +42,7 @@ from attnlab.train.optim import build_optimizer
 from attnlab.train.schedule import lr_at
 from attnlab.train.state import TrainState, make_payload, restore
 from attnlab.train.objectives import LanguageModeling
-from attnlab.train.step import Batch, StepStats, autocast_factory, train_step
+from attnlab.train.step import Batch, NonFiniteError, StepStats, autocast_factory, train_step
 
 LAST, BEST, EVENTS = "last.pt", "best.pt", "train.jsonl"
 
@@ -66,6 +78,8 @@ class Trainer:
         self.events = EventLog(self.run_dir / EVENTS if info.is_main else None)
         self.progress = progress
         self.objective = LanguageModeling(compile=cfg.compile)
+        self.notes: list[str] = []   # said once at the start (e.g. a resume fallback)
+        self.nonfinite_skips = 0     # consecutive skipped steps
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> TrainState:
@@ -78,7 +92,7 @@ class Trainer:
         with self._start():
             while state.step < target:
                 stats = self._timed_step()
-                if state.step % cfg.log_every == 0:
+                if stats.finite and state.step % cfg.log_every == 0:  # a skipped step has its own event
                     self._log(stats)
                 improved = self._eval() if state.step % cfg.eval_every == 0 or state.step == cfg.steps else False
                 last = state.step % cfg.checkpoint_every == 0 or state.step == target
@@ -97,10 +111,17 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._wall0, self._step0 = self.state.wall_time_s, self.state.step
         self._last_log = (self.state.tokens_seen, self.state.train_time_s)
+        repaired = self.events.repair()
+        if repaired and self.info.is_main:
+            print(f"warning: {repaired}", file=sys.stderr, flush=True)
         self.events.write("meta", config=self.meta_config or {"train": self.cfg.model_dump(mode="json")},
                           params=count_parameters(self.model.raw), data=self.data_description,
                           world_size=self.info.world_size, device=str(self.device),
                           resumed_from=self.resumed_from, steps=self.cfg.steps)
+        if repaired:
+            self.events.write("repair", message=repaired)
+        for note in self.notes:
+            self.events.write("warning", message=note)
         return self.progress
 
     def micro_batches(self, step: int) -> list[Batch]:
@@ -116,6 +137,10 @@ class Trainer:
         batches = self.micro_batches(state.step)
         stats = train_step(self.model, self.optimizer, batches, lr=lr_at(state.step, self.cfg),
                            grad_clip=self.cfg.grad_clip, autocast=self.autocast, objective=self.objective)
+        if not stats.finite:
+            self._nonfinite_step(stats)  # raises in stop mode
+        else:
+            self.nonfinite_skips = 0
         if self.device.type == "cuda" and (state.step + 1) % self.cfg.log_every == 0:
             torch.cuda.synchronize(self.device)  # so the logged throughput is honest
         state.step += 1
@@ -124,6 +149,34 @@ class Trainer:
         state.wall_time_s = self._wall0 + time.perf_counter() - self._t0
         self.progress.update(state.step)
         return stats
+
+    def _last_good(self) -> str:
+        path = self.run_dir / LAST
+        return f"{path} kept" if path.is_file() else "no checkpoint written yet"
+
+    def _stop(self, step: int, phase: str, message: str, **fields: Any) -> None:
+        self.events.write("nan", step=step, phase=phase, action="stop", **fields)
+        raise NonFiniteError(f"{message}; stopped ({self._last_good()})")  # the CLI prints it
+
+    def _nonfinite_step(self, stats: StepStats) -> None:
+        """A NaN/inf loss or grad norm at the step being taken (``state.step + 1``): no update
+        was made. Stop, or (skip mode) log it and carry on."""
+        cfg, step = self.cfg, self.state.step + 1
+        loss, grad_norm = all_reduce_mean(stats.loss).item(), stats.grad_norm.item()
+        which = " and ".join(n for n, v in (("training loss", loss), ("grad norm", grad_norm)) if not math.isfinite(v))
+        what = f"non-finite {which or 'loss on another rank'} at step {step} (loss={loss:.4g}, grad_norm={grad_norm:.4g})"
+        if cfg.on_nonfinite == "skip":
+            self.nonfinite_skips += 1
+            if self.nonfinite_skips > cfg.max_nonfinite_skips:
+                self._stop(step, "train", f"{what}: more than train.max_nonfinite_skips="
+                           f"{cfg.max_nonfinite_skips} consecutive non-finite steps",
+                           loss=loss, grad_norm=grad_norm, consecutive=self.nonfinite_skips)
+            self.events.write("nan_skipped", step=step, phase="train", loss=loss, grad_norm=grad_norm,
+                              consecutive=self.nonfinite_skips)
+            self.progress.note(f"warning: {what}; step skipped (no update)")
+            return
+        self._stop(step, "train", f"{what}; lower train.lr or set train.on_nonfinite: skip",
+                   loss=loss, grad_norm=grad_norm)
 
     def _log(self, stats: StepStats) -> None:
         state = self.state
@@ -141,11 +194,19 @@ class Trainer:
     def _eval(self) -> bool:
         """Evaluate; record it; True when the held-out loss improved on the best so far."""
         state, result = self.state, self.evaluate(self.model.raw)
-        state.last_val_loss, state.last_val_step = result.loss, state.step
-        improved = state.best_val_loss is None or result.loss < state.best_val_loss
+        finite = math.isfinite(result.loss)
+        state.last_val_loss, state.last_val_step = (result.loss if finite else None), state.step
+        improved = finite and (state.best_val_loss is None or result.loss < state.best_val_loss)
         if improved:
             state.best_val_loss = result.loss
         self.events.write("eval", step=state.step, val_loss=result.loss, val_ppl=result.ppl)
+        if not finite:
+            what = f"non-finite held-out loss at step {state.step} (val_loss={result.loss})"
+            if self.cfg.on_nonfinite == "stop":
+                self._stop(state.step, "eval", what, val_loss=result.loss)
+            self.events.write("nan_skipped", step=state.step, phase="eval", val_loss=result.loss)
+            self.progress.note(f"warning: {what}; not a best checkpoint")
+            return False
         self.progress.note(f"eval step {state.step} | val_loss {result.loss:.4f} | ppl {result.ppl:.2f}")
         return improved
 
@@ -154,10 +215,15 @@ class Trainer:
         payload = make_payload(self.state, self.model.raw, self.optimizer,
                                train_config=self.cfg.model_dump(mode="json"),
                                data_description=self.data_description, device=self.device, info=self.info)
+        bad = first_nonfinite(payload)  # every rank: the weights agree, so does the decision
+        if bad is not None:
+            self._stop(self.state.step, "checkpoint",
+                       f"non-finite values in {bad} at step {self.state.step}; checkpoint not written",
+                       tensor=bad)
         if self.info.is_main:
             for name, wanted in ((LAST, last), (BEST, best)):
                 if wanted:
-                    save_checkpoint(self.run_dir / name, payload)
+                    save_checkpoint(self.run_dir / name, payload, check_finite=False)
 
     def _finish(self) -> None:
         state = self.state
@@ -197,4 +263,5 @@ def build_trainer(model_factory: Callable[[], nn.Module], cfg: TrainConfig, *, b
                       meta_config=meta_config, progress=progress)
     if objective is not None:
         trainer.objective = objective
+    trainer.notes = list(getattr(checkpoint, "notes", []) or [])
     return trainer

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from attnlab.train.checkpoint import FORMAT, VERSION
+from attnlab.errors import CheckpointError
+from attnlab.train.checkpoint import FORMAT, VERSION, source_of
 from attnlab.train.distributed import DistInfo, all_gather_objects
 
 
@@ -71,15 +73,50 @@ def make_payload(state: TrainState, model: nn.Module, optimizer: torch.optim.Opt
     }
 
 
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def restore(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *,
             device: torch.device, info: DistInfo) -> TrainState:
-    """Load model, optimizer and this rank's RNG state from ``payload``; return its TrainState."""
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    """Load model, optimizer and this rank's RNG state from ``payload``; return its TrainState.
+    A payload that does not fit (missing/extra/misshapen tensors, an optimizer state of another
+    parameter layout, a malformed RNG state or step) raises a one-line ``CheckpointError``
+    naming the file. A non-finite ``best_val_loss`` (an older diverged run) reads as None."""
+    where = source_of(payload)
+    step, tokens = payload.get("step"), payload.get("tokens_seen")
+    for key, value in (("step", step), ("tokens_seen", tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{where}: {key} must be a non-negative integer, got {value!r}"[:300])
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise CheckpointError(f"{where}: model weights do not fit this model ({reason})") from None
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{where}: optimizer state does not fit this model ({reason})") from None
     rng = payload["rng"]
     if len(rng) == info.world_size:
-        set_rng_state(rng[info.rank], device)
-    state = TrainState.from_dict(payload.get("train_state", {}))
-    state.step, state.tokens_seen = payload["step"], payload["tokens_seen"]
-    state.best_val_loss = payload["best_val_loss"]
+        try:
+            set_rng_state(rng[info.rank], device)
+        except (RuntimeError, TypeError, KeyError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise CheckpointError(f"{where}: bad RNG state for rank {info.rank} ({reason})") from None
+    train_state = payload.get("train_state", {})
+    try:
+        state = TrainState.from_dict(train_state if isinstance(train_state, dict) else {})
+    except TypeError as err:
+        raise CheckpointError(f"{where}: bad train_state ({err})") from None
+    state.step, state.tokens_seen = step, tokens
+    state.best_val_loss = _finite_or_none(payload["best_val_loss"])
+    state.last_val_loss = _finite_or_none(state.last_val_loss)
+    for key in ("train_time_s", "wall_time_s"):
+        value = getattr(state, key)
+        setattr(state, key, float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0)
+    if not (state.last_val_step is None or (isinstance(state.last_val_step, int) and not isinstance(state.last_val_step, bool))):
+        state.last_val_step = None
     return state

@@ -1,4 +1,5 @@
-"""One optimizer step: forward under autocast, cross-entropy, accumulate, clip, step."""
+"""One optimizer step: forward under autocast, cross-entropy, accumulate, clip, check that the
+loss and gradient norm are finite, step (or, when they are not, leave the weights alone)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from attnlab.train.distributed import ParallelModel
+from attnlab.errors import AttnlabError
+from attnlab.train.distributed import ParallelModel, all_reduce_sum
 from attnlab.train.objectives import LanguageModeling, lm_loss  # noqa: F401 - lm_loss re-exported
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids (B, T), targets (B, T)), int64
@@ -24,10 +26,15 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class NonFiniteError(AttnlabError):
+    """Training produced a NaN/inf loss or gradient norm (the run stopped; checkpoints kept)."""
+
+
 @dataclass
 class StepStats:
     loss: torch.Tensor       # () mean loss over this rank's micro-batches, detached
     grad_norm: torch.Tensor  # () global grad norm before clipping
+    finite: bool = True      # False: loss or grad norm was NaN/inf on some rank; no update was made
 
 
 def train_step(model: ParallelModel, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch], *,
@@ -36,7 +43,9 @@ def train_step(model: ParallelModel, optimizer: torch.optim.Optimizer, micro_bat
                objective: Callable = LanguageModeling()) -> StepStats:
     """Accumulate gradients of ``objective`` over ``micro_batches`` (each loss scaled by 1/len;
     DDP syncs on the last one only), clip to ``grad_clip`` (None: measure only), step at ``lr``,
-    zero grads."""
+    zero grads. When the loss or the gradient norm is NaN/inf on any rank (ranks agree: the flag
+    is summed over them) the optimizer does not step and ``finite`` is False; the caller decides
+    whether to stop or skip. The check costs one host sync per step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     num_micro = len(micro_batches)
@@ -49,6 +58,9 @@ def train_step(model: ParallelModel, optimizer: torch.optim.Optimizer, micro_bat
         total = loss.detach() if total is None else total + loss.detach()
     max_norm = grad_clip if grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.raw.parameters() if p.requires_grad], max_norm)
-    optimizer.step()
+    bad = (~torch.isfinite(total) | ~torch.isfinite(grad_norm)).float().reshape(1)
+    finite = not bool(all_reduce_sum(bad).item())
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss=total, grad_norm=grad_norm.detach())
+    return StepStats(loss=total, grad_norm=grad_norm.detach(), finite=finite)
