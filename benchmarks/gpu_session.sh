@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # One GPU session: CUDA tests (kernels, runtime), the decode-attention benchmark and the
-# end-to-end decode benchmark, logs under $OUT.
+# end-to-end decode benchmark, logs under RESULTS_DIR
+# (default benchmarks/results).
 #   bash benchmarks/gpu_session.sh [--no-attention] [--no-e2e]   (~9 min in all: one device call of 600 s at most;
 #   split it with the flags when the limits below are raised)
 # Expects PYTHONPATH to hold attnlab's missing dependencies (see docs/benchmarks.md).
 set -o pipefail
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
+RESULTS=${RESULTS_DIR:-benchmarks/results}
+mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$RESULTS/nvidia-smi.csv" 2>&1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 start=$(date +%s)
-timeout ${TEST_LIMIT:-140} python3 -m pytest tests/kernels tests/infer/test_infer_runtime_cuda.py tests/cache -q -n 8 -p no:cacheprovider -rfE > "$OUT/gpu_tests.log" 2>&1
-echo "tests rc=$? in $(( $(date +%s) - start )) s"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" | tail -15
+timeout ${TEST_LIMIT:-140} python3 -m pytest tests/kernels tests/infer/test_infer_runtime_cuda.py tests/cache -q -n 8 -p no:cacheprovider -rfE > "$RESULTS/gpu_tests.log" 2>&1
+echo "tests rc=$? in $(( $(date +%s) - start )) s"; grep -E "passed|failed|FAILED|ERROR" "$RESULTS/gpu_tests.log" | tail -15
 if [[ " $* " != *" --no-attention "* ]]; then
-  timeout ${ATTN_LIMIT:-90} python3 benchmarks/decode_attention.py --quick --out "$OUT" --time-limit ${ATTN_TIME:-70} > "$OUT/decode_attention.log" 2>&1
-  echo "decode_attention rc=$? at $(( $(date +%s) - start )) s"; grep -E "^- |target|met" "$OUT/decode_attention.md" | head -20
+  timeout ${ATTN_LIMIT:-90} python3 benchmarks/decode_attention.py --quick --out "$RESULTS" --time-limit ${ATTN_TIME:-70} > "$RESULTS/decode_attention.log" 2>&1
+  echo "decode_attention rc=$? at $(( $(date +%s) - start )) s"; grep -E "^- |target|met" "$RESULTS/decode_attention.md" | head -20
 fi
 if [[ " $* " != *" --no-e2e "* ]]; then
-  timeout ${E2E_LIMIT:-300} python3 benchmarks/decode_e2e.py --out "$OUT" --time-limit ${E2E_TIME:-250} 2>&1 | tee "$OUT/decode_e2e.log" | grep -vE "^W[0-9]{4}"
+  timeout ${E2E_LIMIT:-300} python3 benchmarks/decode_e2e.py --out "$RESULTS" --time-limit ${E2E_TIME:-250} 2>&1 | tee "$RESULTS/decode_e2e.log" | grep -vE "^W[0-9]{4}"
   echo "e2e rc=$? total $(( $(date +%s) - start )) s"
 fi

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from attnlab.bench.timing import time_fn  # noqa: E402
 from attnlab.kernels import prefill as pf  # noqa: E402
 from attnlab.kernels.fields import FieldData, FieldSpec  # noqa: E402
 from attnlab.quant import planar  # noqa: E402
@@ -103,17 +103,8 @@ def run(inp: dict, cfg=None):
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    """Median seconds of ``reps`` CUDA-event-timed calls after one warm-up call."""
+    return time_fn(fn, warmup=1, repeats=reps, device=torch.device("cuda")).median_s
 
 
 def flops(case: dict, context: int, chunk: int) -> float:

@@ -60,21 +60,40 @@ def uses_kernels(t: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------ descriptors
+def _memo(cache, key, make):
+    """A value that depends only on the layer cache's static layout, computed once per cache
+    (formats, shapes and storage never change after allocation)."""
+    value = cache.kernel_plans.get(key, _MISSING)
+    if value is _MISSING:
+        value = cache.kernel_plans[key] = make()
+    return value
+
+
+_MISSING = object()
+
+
 def field_specs(cache):
-    """(key field specs, value spec) of a ``LayerCache``."""
+    """(key field specs, value spec) of a ``LayerCache`` (made once per cache)."""
     from attnlab.kernels.fields import FieldSpec
 
-    dims = cache.dims
-    keys = [FieldSpec(f.name, cache.formats[f.name], dims.num_kv_heads, f.head_dim) for f in dims.key_fields]
-    return keys, FieldSpec("v", cache.formats["v"], dims.num_kv_heads, dims.v_head_dim)
+    def make():
+        dims = cache.dims
+        keys = [FieldSpec(f.name, cache.formats[f.name], dims.num_kv_heads, f.head_dim) for f in dims.key_fields]
+        return keys, FieldSpec("v", cache.formats["v"], dims.num_kv_heads, dims.v_head_dim)
+
+    return _memo(cache, ("field_specs",), make)
 
 
-def field_data(cache, name: str):
+def field_data(cache):
+    """(key fields' tensors, the value's tensors) of a ``LayerCache`` (made once per cache)."""
     from attnlab.kernels.fields import FieldData
 
-    store = cache.stores[name]
-    ring = cache.window.rows[name] if cache.window is not None else None
-    return FieldData(data=store.data, codes=store.codes, scales=store.scales, ring=ring)
+    def one(name):
+        store = cache.stores[name]
+        ring = cache.window.rows[name] if cache.window is not None else None
+        return FieldData(data=store.data, codes=store.codes, scales=store.scales, ring=ring)
+
+    return _memo(cache, ("field_data",), lambda: ([one(f.name) for f in cache.dims.key_fields], one("v")))
 
 
 # ------------------------------------------------------------------ writes
@@ -86,17 +105,22 @@ def write_unsupported_reason(cache, step) -> str | None:
         return missing
     from attnlab.kernels import cache_write
 
-    return cache_write.unsupported_reason(_write_targets(cache, with_ring=True))
+    return _memo(cache, ("write_reason",), lambda: cache_write.unsupported_reason(_write_targets(cache, True)))
 
 
 def _write_targets(cache, with_ring: bool):
+    """The write kernel's targets (the cache's planes, and its ring when ``with_ring``)."""
     from attnlab.kernels.cache_write import WriteTarget
 
-    targets = []
-    for name, store in cache.stores.items():
-        ring = cache.window.rows[name] if (with_ring and cache.window is not None) else None
-        targets.append(WriteTarget(store.name, data=store.data, codes=store.codes, scales=store.scales, ring=ring))
-    return targets
+    def make():
+        targets = []
+        for name, store in cache.stores.items():
+            ring = cache.window.rows[name] if (with_ring and cache.window is not None) else None
+            targets.append(WriteTarget(store.name, data=store.data, codes=store.codes, scales=store.scales,
+                                       ring=ring))
+        return targets
+
+    return _memo(cache, ("write_targets", with_ring), make)
 
 
 def write_cache(cache, step, fields: dict[str, torch.Tensor], *, include_tail: bool = True) -> None:
@@ -124,16 +148,21 @@ def kernel_unsupported_reason(q, cache, *, null_k=None) -> str | None:
     missing = triton_missing()
     if missing:
         return missing
-    keys, value = field_specs(cache)
-    if cache.window is not None and cache.dtype == torch.float64:
-        return "float64 tail ring"
-    if q[0].shape[2] == 1:
-        from attnlab.kernels.decode import unsupported_reason
+    t_len, q_dtype, num_heads = q[0].shape[2], q[0].dtype, q[0].shape[1]
 
-        return unsupported_reason(keys, value, q_dtype=q[0].dtype, num_heads=q[0].shape[1])
-    from attnlab.kernels.prefill import unsupported_reason
+    def reason() -> str | None:
+        keys, value = field_specs(cache)
+        if cache.window is not None and cache.dtype == torch.float64:
+            return "float64 tail ring"
+        if t_len == 1:
+            from attnlab.kernels.decode import unsupported_reason
 
-    return unsupported_reason(keys, value, q_dtype=q[0].dtype, num_heads=q[0].shape[1], t_len=q[0].shape[2])
+            return unsupported_reason(keys, value, q_dtype=q_dtype, num_heads=num_heads)
+        from attnlab.kernels.prefill import unsupported_reason
+
+        return unsupported_reason(keys, value, q_dtype=q_dtype, num_heads=num_heads, t_len=t_len)
+
+    return _memo(cache, ("attention_reason", t_len, q_dtype, num_heads), reason)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -169,8 +198,7 @@ def cached_attention(q, cache, scales, step, *, null_k=None, null_v=None, fresh=
         reason = kernel_unsupported_reason(q, cache, null_k=null_k)
         if reason is None:
             names = [f.name for f in cache.dims.key_fields]
-            keys = [field_data(cache, n) for n in names]
-            value = field_data(cache, "v")
+            keys, value = field_data(cache)
             if q[0].shape[2] == 1:
                 from attnlab.kernels.decode import decode_attention
 

@@ -15,6 +15,7 @@ import torch
 
 from attnlab.cache.kv import CacheStep
 
+OP_NAMESPACE = "attnlab"  # torch.library namespace of this package's custom ops
 _ACTIVE: list = []  # [(ModelCache, max_length)] while a compiled forward runs
 
 
@@ -34,7 +35,7 @@ def _current():
     return _ACTIVE[-1]
 
 
-@torch.library.custom_op("attnlab::cached_layer_attention", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::cached_layer_attention", mutates_args=())
 def cached_layer_attention(layer_index: int, names: str, scales: list[float], q: list[torch.Tensor],
                            fields: list[torch.Tensor], offsets: torch.Tensor, valid: torch.Tensor,
                            lengths: torch.Tensor, positions: torch.Tensor, null_k: list[torch.Tensor],
