@@ -187,9 +187,11 @@ def decode_plan(cache, num_heads: int, q_dtype: torch.dtype, max_length: int, ha
     return plan
 
 
-def cached_attention(q, cache, scales, step, *, null_k=None, null_v=None, fresh=None):
+def cached_attention(q, cache, scales, step, *, null_k=None, null_v=None, fresh=None, own_output=False):
     """Attention of this forward's queries (per key field (B, H, T, d_f)) over a ``LayerCache``
     after the new tokens were written (see ``cached_attention_reference`` for the contract).
+    ``own_output``: return a new tensor, never the decode plan's reused output buffer (what a
+    custom op must do: torch.compile owns and may reuse the memory of an op's outputs).
 
     Decode (T == 1): the fused kernel reads the exact tail from the ring only (the layer wrote
     the new token into it first). Chunks (T > 1): the chunk kernel reads this chunk's exact
@@ -204,8 +206,9 @@ def cached_attention(q, cache, scales, step, *, null_k=None, null_v=None, fresh=
 
                 plan = decode_plan(cache, q[0].shape[1], q[0].dtype, step.max_length, null_k is not None,
                                    q[0].device)
+                out = torch.empty_like(plan.out) if own_output else None
                 return decode_attention(plan, q, keys, value, scales=scales, lengths=step.lengths,
-                                        q_positions=step.positions, null_k=null_k, null_v=null_v)
+                                        q_positions=step.positions, null_k=null_k, null_v=null_v, out=out)
             from attnlab.kernels.prefill import prefill_attention
 
             key_specs, value_spec = field_specs(cache)

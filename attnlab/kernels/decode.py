@@ -346,10 +346,12 @@ def _wide(t: torch.Tensor) -> bool:
 
 def decode_attention(plan: DecodePlan, q: Sequence[torch.Tensor], keys: Sequence[FieldData], value: FieldData, *,
                      scales: Sequence[float], lengths: torch.Tensor, q_positions: torch.Tensor,
-                     null_k: Sequence[torch.Tensor] | None = None, null_v: torch.Tensor | None = None) -> torch.Tensor:
+                     null_k: Sequence[torch.Tensor] | None = None, null_v: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode attention on a plan: q per key field (B, H, 1, d_f); ``lengths`` (B,) int32
-    (stored keys including the new token); ``q_positions`` (B,) or (B, 1). Returns the plan's
-    (B, H, 1, d_v) output buffer (overwritten by the next call on the same plan)."""
+    (stored keys including the new token); ``q_positions`` (B,) or (B, 1). Returns ``out`` if
+    given (shaped and typed like the plan's buffer), else the plan's (B, H, 1, d_v) output buffer
+    (overwritten by the next call on the same plan)."""
     from attnlab.kernels.decode_jit import reduce_kernel, split_kernel
 
     specs = plan.keys + (plan.value,)
@@ -390,7 +392,10 @@ def decode_attention(plan: DecodePlan, q: Sequence[torch.Tensor], keys: Sequence
     nk = tuple(t.contiguous() for t in null_k) if has_null else qs
     nv = null_v.contiguous() if has_null else plan.m
     hdv = plan.value.head_dim
-    out = plan.out
+    if out is None:
+        out = plan.out
+    else:
+        assert out.shape == plan.out.shape and out.dtype == plan.out.dtype and out.stride() == plan.out.stride()
     reduce_kernel[(plan.batch * plan.num_heads,)](
         plan.m, plan.l, plan.acc, out, out.stride(0), out.stride(1), plan.num_out, qs, sqb, sqh, sc, nk, nv,
         tuple(s.head_dim for s in plan.keys), tuple(_pow2(s.head_dim) for s in plan.keys), plan.num_heads,

@@ -54,7 +54,7 @@ def cached_layer_attention(layer_index: int, names: str, scales: list[float], q:
     null_k = list(null_k) or None
     single = positions.shape[1] == 1
     write_cache(layer, step, by_name, include_tail=single)
-    out = cached_attention(q, layer, scales, step, null_k=null_k, null_v=null_v, fresh=by_name)
+    out = cached_attention(q, layer, scales, step, null_k=null_k, null_v=null_v, fresh=by_name, own_output=True)
     if not single:
         layer.write_tail(step, by_name)
     return out

@@ -90,6 +90,11 @@ def _structural_reason(key_specs: Sequence[FieldSpec], value_spec: FieldSpec, q_
             return f"field {spec.name} has {spec.num_kv_heads} kv heads, {value_spec.name} {num_kv}"
     if num_kv < 1 or num_heads % num_kv:
         return f"{num_heads} query heads over {num_kv} kv heads"
+    widest = max(s.head_dim for s in [*key_specs, value_spec])
+    if q_dtype != torch.float32 and widest > 128 and os.environ.get("TRITON_INTERPRET") != "1":
+        # compiled on an H200 (Triton 3.6), fp16 queries with head dim 256 made an illegal memory
+        # access that poisons the CUDA context; refused until the cause is found
+        return f"head dim {widest} > 128 with {q_dtype} queries on the GPU"
     if num_heads // num_kv > MAX_GROUP:
         return f"GQA group {num_heads // num_kv} > {MAX_GROUP}"
     return None

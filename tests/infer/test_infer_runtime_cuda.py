@@ -64,26 +64,38 @@ def test_graph_decode_equals_eager_and_the_uncached_reference(variant, fmt):
     assert exact.tokens == [generate_uncached(model, p, new) for p in ps]
 
 
+def _compiled_and_eager_logits(model, policy, ps, feed):
+    a = DecodeRuntime(model, policy, batch=len(ps), max_length=48, cuda_graphs=False)
+    b = DecodeRuntime(model, policy, batch=len(ps), max_length=48, cuda_graphs=True, compile=True)
+    # copies: a graph step returns its output buffer, which the next replay overwrites
+    eager, compiled = [a.prefill(ps).float().clone()], [b.prefill(ps).float().clone()]
+    for tok in feed:
+        eager.append(a.step(tok).float().clone())
+        compiled.append(b.step(tok).float().clone())
+    assert a.host_lengths == b.host_lengths and torch.equal(a.lengths, b.lengths)
+    return torch.stack(eager), torch.stack(compiled)
+
+
 @pytest.mark.parametrize("variant", ["gqa", "dba_gqa_null_gate"])
 def test_compiled_graph_step_equals_eager_step(variant):
-    model = make_model(VARIANTS[variant], dtype=torch.bfloat16)
+    """fp32: compiled + graph-captured steps equal the eager steps to rounding. bf16: inductor keeps
+    fused intermediates in fp32 where eager rounds each op to bf16 (a few bf16 ulps apart, measured
+    on the CPU too), so both are held against the fp32 run and the compiled one may not be worse."""
     ps = prompts()
     policy = policy_for("k_sem=q4_0,k_geo=q8_0,k=q4_0,v=q4_0", variant) + ",tail=4"
-    a = DecodeRuntime(model, policy, batch=3, max_length=48, cuda_graphs=False)
-    b = DecodeRuntime(model, policy, batch=3, max_length=48, cuda_graphs=True, compile=True)
-    la, lb = a.prefill(ps), b.prefill(ps)
-    torch.testing.assert_close(la, lb, rtol=0, atol=0)
-    for t in range(6):
-        tok = la.argmax(-1)
-        la, lb = a.step(tok), b.step(tok)
-        assert torch.equal(la.argmax(-1), lb.argmax(-1))
-        torch.testing.assert_close(lb.float(), la.float(), rtol=2e-2, atol=2e-2)
-    assert a.host_lengths == b.host_lengths and torch.equal(a.lengths, b.lengths)
+    feed = [torch.randint(0, VOCAB, (3,), generator=torch.Generator().manual_seed(t)).cuda() for t in range(6)]
+    model = make_model(VARIANTS[variant])
+    ref_eager, ref_compiled = _compiled_and_eager_logits(model, policy, ps, feed)
+    torch.testing.assert_close(ref_compiled, ref_eager, rtol=1e-4, atol=1e-4)
+    eager, compiled = _compiled_and_eager_logits(make_model(VARIANTS[variant], dtype=torch.bfloat16), policy, ps, feed)
+    err_eager = (eager - ref_eager).abs().max().item()
+    err_compiled = (compiled - ref_eager).abs().max().item()
+    assert err_compiled <= 1.5 * err_eager + 1e-2, (err_compiled, err_eager)
 
 
 def test_runtime_after_prefill_allocates_exactly_the_analytic_bytes():
     model = make_model(VARIANTS["dba_gqa_null_gate"], dtype=torch.bfloat16)
     rt = DecodeRuntime(model, "k_sem=q4_0,k_geo=q8_0,v=q4_0", batch=2, max_length=200)
-    rt.prefill([list(range(1, 150)), list(range(2, 100))], 64)
+    rt.prefill([[t % VOCAB for t in range(1, 150)], [t % VOCAB for t in range(2, 100)]], 64)
     report = rt.report()
     assert report.bytes_allocated == report.bytes_per_token * 2 * 200

@@ -116,6 +116,23 @@ def test_ragged_lengths_and_splits(splits):
     check(case, num_splits=splits, block_n=16)
 
 
+def test_output_into_a_caller_buffer_leaves_the_plan_buffer_alone():
+    # what the torch.compile custom op uses: an op's output must not be the plan's reused buffer
+    case = make_case(num_heads=4, num_kv=2, key_dims=(8, 16), v_dim=24,
+                     formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, lengths=(37, 3), seed=5, device=DEVICE)
+    plan = plan_for(case, num_splits=2, block_n=16)
+    own = run(plan, case).clone()
+    plan.out.fill_(-7.0)
+    mine = torch.full_like(plan.out, float("nan"))
+    got = dk.decode_attention(plan, case["q"], case["keys"], case["value"], scales=case["scales"],
+                              lengths=case["lengths"], q_positions=case["q_positions"], out=mine)
+    assert got is mine and torch.equal(mine, own)
+    assert (plan.out == -7.0).all()
+    with pytest.raises(AssertionError):
+        dk.decode_attention(plan, case["q"], case["keys"], case["value"], scales=case["scales"],
+                            lengths=case["lengths"], q_positions=case["q_positions"], out=mine[:1])
+
+
 def test_graph_replay_shorter_lengths_and_positions():
     # one plan for max_length 120, replayed with shorter device lengths and query positions up to the
     # rollback (ring - tail) behind the newest key

@@ -416,11 +416,19 @@ def test_gpu_head_dim_128_without_gqa(fmts):
 
 @gpu
 @GPU_KNOWN_FAILURE
-@pytest.mark.parametrize("hd", [128, 256])
-def test_gpu_gqa_head_dim_128_and_256_fp16(hd):
-    case = make_case(num_heads=8, num_kv=2, key_dims=(hd,), v_dim=hd, formats={"k": "q8_0", "v": "q4_0"},
-                     offsets=(700,), valid=(200,), tail=16, dtype=torch.float16, seed=hd)
+def test_gpu_gqa_head_dim_128_fp16():
+    case = make_case(num_heads=8, num_kv=2, key_dims=(128,), v_dim=128, formats={"k": "q8_0", "v": "q4_0"},
+                     offsets=(700,), valid=(200,), tail=16, dtype=torch.float16, seed=128)
     check(case, tol=LOW_TOL)
+
+
+@gpu
+def test_gpu_refuses_fp16_head_dim_256():
+    # compiled, this shape made an illegal memory access (H200, Triton 3.6): refused, not run
+    case = make_case(num_heads=8, num_kv=2, key_dims=(256,), v_dim=256, formats={"k": "q8_0", "v": "q4_0"},
+                     offsets=(700,), valid=(200,), tail=16, dtype=torch.float16, seed=256)
+    with pytest.raises(ValueError, match="head dim 256 > 128"):
+        check(case, tol=LOW_TOL)
 
 
 @gpu
