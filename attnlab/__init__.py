@@ -1,8 +1,8 @@
-"""attnlab: research toolkit for KV-cache-efficient attention (standard/GQA, bottleneck,
-Decoupled Bottleneck Attention)."""
+"""attnlab: research toolkit for KV-cache-efficient attention (standard/GQA/MQA, bottleneck,
+Decoupled Bottleneck Attention, MLA, and attention variants registered as plug-ins)."""
 
-__version__ = "0.1.0"
-
+from attnlab._version import __version__
+import attnlab.nn.attention  # noqa: E402,F401  registers the built-in attention variants before any config is read
 from attnlab.api import build_model, load  # noqa: E402
 
 __all__ = ["__version__", "build_model", "load"]

@@ -182,13 +182,15 @@ def cmd_sample(args, command: str) -> int:
 
     import torch
 
-    from attnlab.api import load, run_cache_policy, run_tokenizer
+    from attnlab.api import load
     from attnlab.cache import CachePolicy
     from attnlab.data import build_tokenizer
     from attnlab.infer import SamplingConfig, generate, speculative_generate
+    from attnlab.runfolder import RunFolder
 
     # the run's manifest `cache` section, if any; --cache-policy overrides it
-    policy_text = args.cache_policy if args.cache_policy is not None else run_cache_policy(args.ckpt)
+    folder = RunFolder.of(args.ckpt)
+    policy_text = args.cache_policy if args.cache_policy is not None else folder.cache_policy()
     policy = CachePolicy.parse(policy_text)  # a bad policy: ConfigError, one line
     if args.max_new_tokens < 0:
         raise AttnlabError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -199,7 +201,7 @@ def cmd_sample(args, command: str) -> int:
     except ValueError as err:
         raise AttnlabError(str(err)) from None
     model = load(args.ckpt).to(args.device)
-    tok_cfg = run_tokenizer(args.ckpt)
+    tok_cfg = folder.tokenizer_config()
     tokenizer = build_tokenizer(tok_cfg) if tok_cfg is not None else None
     text_mode = args.prompt is not None
     if text_mode:
@@ -229,7 +231,7 @@ def cmd_sample(args, command: str) -> int:
     torch.manual_seed(args.seed)
     if args.draft is not None:
         draft = load(args.draft).to(args.device)
-        draft_tok = run_tokenizer(args.draft)
+        draft_tok = RunFolder.of(args.draft).tokenizer_config()
         if tok_cfg is not None and draft_tok is not None and draft_tok != tok_cfg:
             raise AttnlabError(f"--draft {args.draft}: its tokenizer ({draft_tok.type}) differs from the "
                                f"target's ({tok_cfg.type})")
@@ -312,6 +314,7 @@ def cmd_bench(args, command: str) -> int:
     if args.target.suffix in (".yml", ".yaml"):
         from attnlab.manifest import load_plan
         from attnlab.run import benchmark_and_report
+        from attnlab.runfolder import RunFolder
 
         plan = load_plan(args.target, args.overrides, group=args.group)
         if args.suite:
@@ -320,7 +323,7 @@ def cmd_bench(args, command: str) -> int:
             plan = dataclasses.replace(plan, benchmarks={g: [b for b in bs if b.type in args.suite]
                                                          for g, bs in plan.benchmarks.items()})
         for group in plan.benchmarks:
-            missing = [r.key for r in plan.group_runs(group) if not (Path(r.run_dir) / "last.pt").is_file()]
+            missing = [r.key for r in plan.group_runs(group) if not RunFolder(r.run_dir).last.is_file()]
             if missing:
                 raise AttnlabError(f"runs not trained yet: {', '.join(missing)}; run `attnlab run {args.target}` first")
             benchmark_and_report(plan, group, command)

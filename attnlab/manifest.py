@@ -29,7 +29,7 @@ from attnlab.config.base import validate_section
 from attnlab.config.data import DataConfig
 from attnlab.config.manifest import SECTIONS, TOP_LEVEL_KEYS, ManifestSpec, item_label, parse_manifest
 from attnlab.config.model import ModelConfig
-from attnlab.config.attention import attention_dims
+from attnlab.config.variants import stored_fields
 from attnlab.config.bench import validate_benchmarks
 from attnlab.config.cache import CacheConfig
 from attnlab.config.upcycle import DistillConfig, SurgeryConfig
@@ -661,8 +661,7 @@ def _check_benchmarks(benches: list, runs: list[ResolvedRun], where: str) -> Non
         for key, text in texts:
             policy = CachePolicy.parse(text)
             for run in runs:
-                have = {name for spec in run.model.attention_specs()
-                        for name in attention_dims(spec, run.model.d_model).cache_fields}
+                have = stored_fields(run.model.layer_dims())
                 missing = [name for name in policy.formats if name not in have]
                 if missing:
                     raise ConfigError(f"{where}[{i}].{key}", f"names cache field {missing[0]!r}, which run "
@@ -680,11 +679,11 @@ def _check_seq_len(model: ModelConfig, train: TrainConfig | None, mode: str, pre
 
 def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> None:
     """A cache section may only name fields some attention layer of the model stores."""
-    have = {name for spec in model.attention_specs() for name in attention_dims(spec, model.d_model).cache_fields}
-    for name in ("k", "k_sem", "k_geo", "v"):
-        if getattr(cache, name) is not None and name not in have:
+    have = stored_fields(model.layer_dims())
+    for name, fmt in cache.fields.items():
+        if name not in have:
             raise ConfigError(f"{path}.{name}", f"this model's attention stores no {name!r} field "
-                              f"(its fields: {', '.join(sorted(have))})", getattr(cache, name))
+                              f"(its fields: {', '.join(sorted(have))})", fmt)
 
 
 def _source_config(ref: str, where: str, earlier: dict[str, ModelConfig]) -> ModelConfig:
@@ -739,8 +738,8 @@ def _student_config(teacher: ModelConfig, surgery: SurgeryConfig, where: str) ->
 
     student = student_config(teacher, surgery.plan())
     for i, (t, s) in enumerate(zip(teacher.attention_specs(), student.attention_specs())):
-        t_bytes = kv_bytes_per_token_layer(attention_dims(t, teacher.d_model), "fp16")
-        s_bytes = kv_bytes_per_token_layer(attention_dims(s, student.d_model), "fp16")
+        t_bytes = kv_bytes_per_token_layer(t.dims(teacher.d_model), "fp16")
+        s_bytes = kv_bytes_per_token_layer(s.dims(student.d_model), "fp16")
         if s_bytes >= t_bytes:
             raise ConfigError(where, f"layer {i}: the student's KV cache ({s_bytes} B/token fp16) would not be "
                               f"smaller than the teacher's ({t_bytes}); lower sem_head_dim/geo_pairs/v_rank",

@@ -48,8 +48,8 @@ def _attnlab_version() -> str | None:
     try:
         return metadata.version("attnlab")
     except metadata.PackageNotFoundError:
-        import attnlab
-        return getattr(attnlab, "__version__", None)
+        from attnlab._version import __version__
+        return __version__
 
 
 def environment(world_size: int | None = None) -> dict[str, Any]:

@@ -5,57 +5,33 @@ Under torchrun the same functions run on every rank; rank 0 alone writes files.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime as _dt
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlab.errors import AttnlabError, ConfigError, DataError
-from attnlab.fsutil import describe_os_error, folder_lock, remove_stale_temps_in
-from attnlab.paths import check_run_dir, shorten
+from attnlab.bench.suite import Target, check_bench_names, run_benchmarks
+from attnlab.errors import ConfigError, DataError
+from attnlab.paths import shorten
 from attnlab.provenance import write_provenance
+from attnlab.report import write_report
+from attnlab.runfolder import (OneLineOSErrors, RunFolder, RunResult, check_run_paths, data_cache_dir,
+                               run_lock)
 from attnlab.train.checkpoint import check_compatible, load_resume_checkpoint
 from attnlab.train.distributed import DistInfo, barrier, dist_env, distributed_session, resolve_device
 from attnlab.train.evaluate import perplexity
-from attnlab.train.loop import BEST, EVENTS, LAST, build_trainer, count_parameters
+from attnlab.train.loop import BEST, LAST, build_trainer, count_parameters
+from attnlab.upcycling import execute_mode_run
 
 if TYPE_CHECKING:
-    from attnlab.config.data import DataConfig
     from attnlab.manifest import Plan, ResolvedRun
 
-
-@dataclass
-class RunResult:
-    run_id: str
-    group: str | None
-    run_dir: Path
-    params: int
-    val_loss: float | None
-    val_ppl: float | None
-    train_tokens_per_s: float
-    steps: int
-    best_val_loss: float | None
-    kv_bytes_per_token: float | None = None  # filled in by the caller
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["run_dir"] = str(self.run_dir)
-        return out
+__all__ = ["RunResult", "OneLineOSErrors", "check_run_paths", "check_plan_paths", "data_cache_dir", "run_lock",
+           "load_run_data", "execute_run", "execute_plan", "group_report_dir", "benchmark_and_report"]
 
 
 def _data_api():
     """(load_splits, TrainBatches, eval_batches) from attnlab.data (imported on first use)."""
     from attnlab.data import TrainBatches, eval_batches, load_splits
     return load_splits, TrainBatches, eval_batches
-
-
-def data_cache_dir(data: "DataConfig", run_dir: Path) -> Path:
-    """Where prepared token files go: ``data.cache_dir``, else ``<out_dir>/<manifest name>/.data``
-    (shared by the runs of a manifest)."""
-    return Path(data.cache_dir) if data.cache_dir else Path(run_dir).parent.parent / ".data"
 
 
 def _cache_dir(run: "ResolvedRun") -> Path:
@@ -84,16 +60,6 @@ def _sequence_length(run: "ResolvedRun", splits) -> int:
     return seq_len
 
 
-def _archive_previous(run_dir: Path) -> None:
-    """Move events/checkpoints of an earlier, not-resumed attempt to ``previous/<time>/``."""
-    stale = [run_dir / n for n in (EVENTS, LAST, BEST) if (run_dir / n).exists()]
-    if stale:
-        dest = run_dir / "previous" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        dest.mkdir(parents=True)
-        for path in stale:
-            os.replace(path, dest / path.name)
-
-
 def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo, model_config=None) -> dict | None:
     """``last.pt`` (or, when it is damaged, ``best.pt``: logged) after the compatibility check;
     None for a fresh run."""
@@ -106,52 +72,12 @@ def _resume_checkpoint(run: "ResolvedRun", data_description: str, info: DistInfo
                                   log=None if info.is_main else (lambda message: None))
 
 
-def check_run_paths(run: "ResolvedRun") -> Path:
-    """The run folder ``<out_dir>/<name>/<group>/<id>`` after checking that its user-named parts
-    are safe file names and that it stays inside ``out_dir`` (``ConfigError`` otherwise)."""
-    group, run_id = shorten(str(run.group)), shorten(str(run.run_id))
-    return check_run_dir(run.run_dir, {"name": run.name, f"groups({group}).name": run.group,
-                                       f"groups({group}).runs({run_id}).id": run.run_id})
-
-
 def check_plan_paths(plan: "Plan") -> None:
     """Every file name a plan's runs and benchmarks will build, checked before anything is written."""
     for run in plan.runs:
         check_run_paths(run)
-    from attnlab.bench.suite import check_bench_names
-
     for group, benches in plan.benchmarks.items():
         check_bench_names(benches, f"groups({shorten(str(group))}).benchmarks")
-
-
-def run_lock(run: "ResolvedRun", info: DistInfo = DistInfo()):
-    """The run folder's exclusive lock (rank 0 holds it for every rank), after checking its path."""
-    run_dir = check_run_paths(run)
-    return _locked_and_clean(run_dir, run.key) if info.is_main else contextlib.nullcontext(run_dir)
-
-
-@contextlib.contextmanager
-def _locked_and_clean(run_dir: Path, key: str):
-    with folder_lock(run_dir, f"run {key}"):
-        remove_stale_temps_in(run_dir)  # temp files of killed writers (live writers' are kept)
-        yield run_dir
-
-
-class OneLineOSErrors:
-    """Turn an ``OSError`` escaping training (a full disk during a checkpoint or log write) into
-    one ``AttnlabError`` line naming the file and the cause."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, OSError) and not isinstance(err, AttnlabError):
-            where = err.filename if err.filename else self.what
-            raise AttnlabError(f"{where}: {describe_os_error(err)}") from None
-        return False
 
 
 def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
@@ -188,7 +114,7 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
                                 objective=objective, trainable=trainable)
         if info.is_main:  # the resume point is valid and restored: now the records may change
             if ckpt is None:
-                _archive_previous(run_dir)
+                RunFolder(run_dir).archive_previous()
             write_provenance(run_dir, command, run.resolved, world_size=info.world_size)
         barrier()
         del ckpt
@@ -216,10 +142,8 @@ def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResu
         for i, run in enumerate(plan.runs):
             if info.is_main:
                 print(f"[{i + 1}/{len(plan.runs)}] run {run.run_id} -> {run.run_dir}", flush=True)
-            if run.mode != "train":
-                from attnlab.upcycling import execute_mode_run
-
-                results.append(execute_mode_run(run, command, info=info, **kwargs))
+            if run.mode != "train":  # import / upcycle / distillation: they train through execute_run
+                results.append(execute_mode_run(run, command, info=info, train=execute_run, **kwargs))
             else:
                 key = (run.data.model_dump_json(), run.model.vocab_size, str(_cache_dir(run)))
                 if key not in loaded:
@@ -241,9 +165,6 @@ def group_report_dir(plan: "Plan", group: str) -> Path:
 def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_benchmarks_first: bool = True) -> Path:
     """Run the group's declared benchmarks on each of its runs (records saved in
     ``<run_dir>/bench/``), then write the group's report folder. Returns the folder."""
-    from attnlab.bench.suite import Target, run_benchmarks
-    from attnlab.report import write_report
-
     check_plan_paths(plan)
     runs = plan.group_runs(group)
     siblings = {r.run_id: Path(r.run_dir) for r in runs}

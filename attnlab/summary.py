@@ -5,11 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import groupby
 
-from attnlab.config.attention import (
-    BottleneckAttentionConfig,
-    DecoupledAttentionConfig,
-    attention_dims,
-)
 from attnlab.model.stats import ModelStats, model_stats
 
 
@@ -34,15 +29,8 @@ def human(n: float, unit: str = "") -> str:
 
 
 def describe_attention(spec, d_model: int) -> str:
-    dims = attention_dims(spec, d_model)
-    heads = f"h{dims.num_heads}" + (f"/kv{dims.num_kv_heads}" if dims.num_kv_heads != dims.num_heads else "")
-    if isinstance(spec, DecoupledAttentionConfig):
-        extras = [x for x, on in (("null", spec.null_token), ("tied", spec.tie_qk), ("gate", spec.gate)) if on]
-        sem, geo = dims.key_fields
-        text = f"decoupled {heads} sem{sem.head_dim}/geo{geo.head_dim}/v{dims.v_head_dim}"
-        return text + (f" +{'+'.join(extras)}" if extras else "")
-    kind = "bottleneck" if isinstance(spec, BottleneckAttentionConfig) else "standard"
-    return f"{kind} {heads} hd{dims.key_fields[0].head_dim}"
+    """The variant's own compact label (``AttentionSpec.label``)."""
+    return spec.label(spec.dims(d_model))
 
 
 def describe_stack(cfg) -> str:
@@ -83,7 +71,8 @@ def format_plan(plan) -> str:
                    f"vocab {m.vocab_size}; {describe_stack(m)}")
         for lab, per_layer in s.kv_bytes.items():
             out.append(f"    KV bytes/token/layer {lab}: {_per_layer(per_layer)}  (total {sum(per_layer):,})")
-    baseline = next((k for k, s in stats.items() if "k_sem=q4_0,k_geo=q8_0,v=q4_0" not in s.kv_bytes), None)
+    # the reference: the run with the largest fp16 cache (the first of equals)
+    baseline = max(stats, key=lambda k: stats[k].kv_total("fp16"), default=None) if stats else None
     if baseline is not None and len(stats) > 1:
         ref = stats[baseline].kv_total("fp16")
         out.append("")

@@ -9,23 +9,35 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
+from attnlab.api import load
+from attnlab.config.data import DataConfig
+from attnlab.convert.surgery import upcycle
+from attnlab.data import TrainBatches, eval_batches, load_splits
 from attnlab.errors import AttnlabError
 from attnlab.fsutil import atomic_write_text
+from attnlab.infer.generate import generate
+from attnlab.infer.sampling import SamplingConfig
+from attnlab.model import build_model
 from attnlab.paths import safe_child
 from attnlab.provenance import write_provenance
-from attnlab.train.checkpoint import FORMAT, VERSION, save_checkpoint
+from attnlab.runfolder import BEST, OneLineOSErrors, RunFolder, RunResult, data_cache_dir, run_lock
 from attnlab.train.distributed import DistInfo, resolve_device
 from attnlab.train.evaluate import Evaluator, perplexity
 from attnlab.train.events import EventLog
+from attnlab.train.objectives import BlockwiseDistillation, GlobalDistillation
+from attnlab.verify import verify_and_record
 
 if TYPE_CHECKING:
     from attnlab.manifest import ResolvedRun
-    from attnlab.run import RunResult
+
+#: ``run.execute_run``'s signature: distillation trains through the regular trainer, which the
+#: plan executor (``attnlab.run``, the layer above this one) passes in
+TrainRun = Callable[..., RunResult]
 
 
 def resolve_ref(ref: str, run: "ResolvedRun") -> Path:
@@ -40,7 +52,7 @@ def source_fingerprint(ref: str, run: "ResolvedRun") -> str:
     notices when its source was retrained or replaced."""
     path = resolve_ref(ref, run)
     if path.is_dir():
-        names = ["best.pt"] if (path / "best.pt").is_file() else sorted(p.name for p in path.iterdir() if p.is_file())
+        names = [BEST] if (path / BEST).is_file() else sorted(p.name for p in path.iterdir() if p.is_file())
         files = [path / n for n in names]
     else:
         files = [path]
@@ -49,10 +61,8 @@ def source_fingerprint(ref: str, run: "ResolvedRun") -> str:
 
 
 def load_ref(ref: str, run: "ResolvedRun", device: torch.device):
-    from attnlab.api import load
-
     path = resolve_ref(ref, run)
-    if ref.startswith("run:") and not any((path / n).is_file() for n in ("best.pt", "last.pt")):
+    if ref.startswith("run:") and not RunFolder(path).has_checkpoint():
         raise AttnlabError(f"{run.key}: {ref} has no checkpoint yet; run that run first")
     return load(path).to(device)
 
@@ -60,13 +70,10 @@ def load_ref(ref: str, run: "ResolvedRun", device: torch.device):
 # ---------------------------------------------------------------- data
 def teacher_samples_file(run: "ResolvedRun", teacher, cache_dir: Path) -> Path:
     """Sample ``data.teacher_samples`` sequences from the teacher once; cached by content key."""
-    from attnlab.infer.generate import generate
-    from attnlab.infer.sampling import SamplingConfig
-
     spec = run.data.teacher_samples
     length = spec.length or teacher.config.block_size
     source = resolve_ref(run.teacher, run)
-    weights = source / "best.pt" if source.is_dir() and (source / "best.pt").is_file() else source
+    weights = source / BEST if source.is_dir() and (source / BEST).is_file() else source
     stat = weights.stat() if weights.is_file() else None
     key = json.dumps({"teacher": str(weights.resolve()), "size": stat.st_size if stat else None,
                       "mtime": stat.st_mtime_ns if stat else None, **spec.model_dump(), "length": length},
@@ -88,10 +95,6 @@ def teacher_samples_file(run: "ResolvedRun", teacher, cache_dir: Path) -> Path:
 def run_splits(run: "ResolvedRun", teacher):
     """(splits, align): teacher samples are fixed-length documents, so windows start at document
     starts (``align``) and the held-out split starts at the first document boundary in it."""
-    from attnlab.config.data import DataConfig
-    from attnlab.data import load_splits
-    from attnlab.run import data_cache_dir
-
     data = run.data
     cache_dir = data_cache_dir(data, run.run_dir)
     if data.source != "teacher":
@@ -102,15 +105,11 @@ def run_splits(run: "ResolvedRun", teacher):
                                       "source": "tokens", "path": str(path)})
     splits = load_splits(data, run.model.vocab_size, cache_dir)
     first = (-len(splits.train)) % align  # the val split's first document start
-    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(run.run_dir) / "heldout.json", json.dumps(
-        {"path": str(path.resolve()), "val_start": len(splits.train) + first, "align": align}))
+    RunFolder(run.run_dir).write_heldout_pointer(path, len(splits.train) + first, align)
     return dataclasses.replace(splits, val=splits.val[first:]), align
 
 
 def eval_set(splits, model, run: "ResolvedRun", align: int = 1):
-    from attnlab.data import eval_batches
-
     seq_len = min(model.config.block_size, (run.train.seq_len if run.train and run.train.seq_len else model.config.block_size))
     if align > 1:
         seq_len = min(seq_len, align - 1)  # one document per window
@@ -120,16 +119,7 @@ def eval_set(splits, model, run: "ResolvedRun", align: int = 1):
 
 
 # ---------------------------------------------------------------- runs
-def _save_model(run_dir: Path, model, extra: dict) -> None:
-    payload = {"format": FORMAT, "version": VERSION, "step": 0, "model_config": model.config.model_dump(mode="json"),
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
-    for name in ("best.pt", "last.pt"):
-        save_checkpoint(run_dir / name, payload)
-
-
-def _result(run: "ResolvedRun", model, val_loss: float | None, steps: int = 0, tokens_per_s: float = 0.0) -> "RunResult":
-    from attnlab.run import RunResult
-
+def _result(run: "ResolvedRun", model, val_loss: float | None, steps: int = 0, tokens_per_s: float = 0.0) -> RunResult:
     return RunResult(run_id=run.run_id, group=run.group, run_dir=Path(run.run_dir), params=model.num_parameters(),
                      val_loss=val_loss, val_ppl=None if val_loss is None else perplexity(val_loss),
                      train_tokens_per_s=tokens_per_s, steps=steps, best_val_loss=val_loss)
@@ -137,32 +127,23 @@ def _result(run: "ResolvedRun", model, val_loss: float | None, steps: int = 0, t
 
 def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, align: int):
     """import / upcycle: build the model, save it, evaluate it; a finished run is reloaded."""
-    from attnlab.api import load
-
-    from attnlab.run import _archive_previous
-    from attnlab.train.checkpoint import read_checkpoint
-
-    run_dir = Path(run.run_dir)
-    done = run_dir / "best.pt"
+    folder = RunFolder(run.run_dir)
+    run_dir, done = folder.path, folder.best
     fingerprint = source_fingerprint(run.teacher, run)
-    if resume and done.is_file() and (run_dir / "train.jsonl").is_file():
-        previous = read_checkpoint(done, required=("format", "version", "model_config", "model"))
+    if resume and done.is_file() and folder.events_path.is_file():
+        previous = folder.read_checkpoint(done)
         if previous.get("source_fingerprint") == fingerprint:
-            events = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
-            finished = [e for e in events if e.get("event") == "done"]
+            finished = [e for e in folder.events() if e.get("event") == "done"]
             return load(done).to(device), (finished[-1]["val_loss"] if finished else None)
         print(f"{run.key}: its teacher changed since this run; redoing it", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _archive_previous(run_dir)
+    folder.archive_previous()
     write_provenance(run_dir, command, run.resolved)
-    log = EventLog(run_dir / "train.jsonl")
+    log = EventLog(folder.events_path)
     extra: dict = {"source": run.teacher, "source_fingerprint": fingerprint}
     if run.mode == "import":
         model = teacher
     else:
-        from attnlab.convert.surgery import upcycle
-        from attnlab.data import TrainBatches
-
         calibration = None
         if run.surgery.calibration_batches:
             length = teacher.config.block_size if align == 1 else min(teacher.config.block_size, align - 1)
@@ -174,17 +155,14 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
     log.write("meta", config=run.resolved, params=model.num_parameters(), mode=run.mode, source=run.teacher)
     result = Evaluator(eval_set(splits, model, run, align), device)(model)
     log.write("eval", step=0, val_loss=result.loss, val_ppl=result.ppl)
-    _save_model(run_dir, model, extra)
+    folder.save_model(model, extra)
     log.write("done", step=0, best_val_loss=result.loss, val_loss=result.loss, train_tokens_per_s=None, wall_time_s=None)
     print(f"{run.key}: {run.mode} done | held-out loss {result.loss:.4f} | ppl {result.ppl:.2f}", flush=True)
     return model, result.loss
 
 
-def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, stop_after, align: int):
-    from attnlab.model import build_model
-    from attnlab.run import execute_run
-    from attnlab.train.objectives import BlockwiseDistillation, GlobalDistillation
-
+def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: bool, stop_after, align: int,
+            train: TrainRun):
     start = load_ref(run.init_from, run, torch.device("cpu"))
     state = {k: v.clone() for k, v in start.state_dict().items()}
 
@@ -203,26 +181,24 @@ def _distill(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
         d = run.distill
         objective = GlobalDistillation(teacher, ce_weight=d.ce_weight, kl_weight=d.kl_weight, temperature=d.temperature)
         trainable = None
-    result = execute_run(run, command, resume=resume, stop_after=stop_after, splits=splits,
+    result = train(run, command, resume=resume, stop_after=stop_after, splits=splits,
                          model_config=start.config, model_factory=factory, objective=objective, trainable=trainable,
                          align=align)
-    from attnlab.api import load
-
     return load(Path(run.run_dir)).to(device), result
 
 
-def execute_mode_run(run: "ResolvedRun", command: str = "", *, info: DistInfo = DistInfo(), resume: bool = True,
-                     stop_after: int | None = None, **_) -> "RunResult":
+def execute_mode_run(run: "ResolvedRun", command: str = "", *, train: TrainRun, info: DistInfo = DistInfo(),
+                     resume: bool = True, stop_after: int | None = None, **_) -> RunResult:
+    """Run ``run`` (mode import / upcycle / blockwise / finetune) in its locked folder; the
+    distillation modes train through ``train`` (``attnlab.run.execute_run``)."""
     if info.world_size > 1:
         raise AttnlabError(f"{run.key}: mode {run.mode!r} runs in one process; start it without torchrun")
-    from attnlab.run import OneLineOSErrors, run_lock
-
     with run_lock(run, info), OneLineOSErrors(str(run.run_dir)):
-        return _execute_mode_run(run, command, info=info, resume=resume, stop_after=stop_after)
+        return _execute_mode_run(run, command, info=info, resume=resume, stop_after=stop_after, train=train)
 
 
 def _execute_mode_run(run: "ResolvedRun", command: str, *, info: DistInfo, resume: bool,
-                      stop_after: int | None) -> "RunResult":
+                      stop_after: int | None, train: TrainRun) -> RunResult:
     device = resolve_device(run.train.device if run.train else "auto", info)
     teacher = load_ref(run.teacher, run, device).eval()
     splits, align = run_splits(run, teacher)
@@ -230,21 +206,14 @@ def _execute_mode_run(run: "ResolvedRun", command: str, *, info: DistInfo, resum
         model, val_loss = _convert(run, command, teacher, splits, device, resume, align)
         result = _result(run, model, val_loss)
     else:
-        model, result = _distill(run, command, teacher, splits, device, resume, stop_after, align)
+        model, result = _distill(run, command, teacher, splits, device, resume, stop_after, align, train)
     if run.verify is not None:
-        from attnlab.api import run_tokenizer
-        from attnlab.data import build_tokenizer
-        from attnlab.verify import verify_and_record
-
         cfg = run.verify
         seq_len = min(cfg.seq_len or model.config.block_size, model.config.block_size)
-        from attnlab.data import eval_batches
-
         if align > 1:
             seq_len = min(seq_len, align - 1)
         batches = torch.stack([x for x, _ in eval_batches(splits.val, cfg.batch_size, seq_len, cfg.batches, align)]).to(device)
-        tok_cfg = run_tokenizer(run.run_dir)
-        tokenizer = build_tokenizer(tok_cfg) if tok_cfg is not None and run.data.source != "teacher" else None
+        tokenizer = RunFolder(run.run_dir).tokenizer() if run.data.source != "teacher" else None
         outcome = verify_and_record(model.eval(), teacher, cfg, batches, Path(run.run_dir), tokenizer)
         print(f"{run.key}: verified (logits KL {outcome.logits['kl']:.4g}, attention max |diff| "
               f"{outcome.attention['max_abs']:.4g})", flush=True)

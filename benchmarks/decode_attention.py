@@ -50,6 +50,9 @@ MEMORY_BUDGET = 0.7                  # share of free device memory one configura
 STD = dict(num_heads=32, num_kv=32, fields=(("k", 64),), v_dim=64)
 DBA = dict(num_heads=32, num_kv=32, fields=(("k_sem", 8), ("k_geo", 32)), v_dim=40)
 GQA = dict(num_heads=32, num_kv=8, fields=(("k", 64),), v_dim=64)
+# MLA's absorbed decode on the same 32 query heads (DeepSeek-V2's widths): one shared latent c_kv
+# (512, also the values: read once as keys, once as values, stored once) + a 64-wide RoPE key
+MLA = dict(num_heads=32, num_kv=1, fields=(("c_kv", 512), ("k_rope", 64)), v_dim=512, value_alias=True)
 CONFIGS = {
     "std-bf16": dict(STD, formats={}, dtype=torch.bfloat16),
     "dba-fp16": dict(DBA, formats={}, dtype=torch.float16),
@@ -58,6 +61,8 @@ CONFIGS = {
     "dba-hetero": dict(DBA, formats={"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, dtype=torch.bfloat16),
     "gqa-bf16": dict(GQA, formats={}, dtype=torch.bfloat16),
     "gqa-q4_0": dict(GQA, formats={"k": "q4_0", "v": "q4_0"}, dtype=torch.bfloat16),
+    "mla-bf16": dict(MLA, formats={}, dtype=torch.bfloat16),
+    "mla-q8_0": dict(MLA, formats={"c_kv": "q8_0", "k_rope": "q8_0"}, dtype=torch.bfloat16),
 }
 
 
@@ -139,7 +144,16 @@ def field_specs(cfg: dict):
 
     model = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[cfg["dtype"]]
     names = list(cfg["fields"]) + [("v", cfg["v_dim"])]
-    return [FieldSpec(n, cfg["formats"].get(n, model), cfg["num_kv"], d) for n, d in names]
+    specs = [FieldSpec(n, cfg["formats"].get(n, model), cfg["num_kv"], d) for n, d in names]
+    if cfg.get("value_alias"):  # values are the first key field (MLA's latent)
+        specs[-1] = FieldSpec("v", specs[0].format, cfg["num_kv"], specs[0].head_dim)
+    return specs
+
+
+def stored_specs(cfg: dict):
+    """The fields the cache stores (an aliased value field is not stored again)."""
+    specs = field_specs(cfg)
+    return specs[:-1] if cfg.get("value_alias") else specs
 
 
 def row_bytes(spec) -> int:
@@ -154,7 +168,7 @@ def build_fields(cfg: dict, batch: int, length: int, device, gen: torch.Generato
     from attnlab.kernels.decode import FieldData
 
     out = []
-    for spec in field_specs(cfg):
+    for spec in stored_specs(cfg):
         n = spec.row_length
         fd = FieldData()
         if spec.format in _FLOAT:
@@ -172,11 +186,13 @@ def build_fields(cfg: dict, batch: int, length: int, device, gen: torch.Generato
             else:
                 fd.codes[:, s:e], fd.scales[:, s:e] = planar.quantize(rows, spec.format)
         out.append(fd)
+    if cfg.get("value_alias"):
+        out.append(out[0])
     return out
 
 
 def cache_bytes(cfg: dict, batch: int, length: int) -> int:
-    return batch * length * sum(row_bytes(s) for s in field_specs(cfg))
+    return batch * length * sum(row_bytes(s) for s in stored_specs(cfg))
 
 
 def make_queries(cfg: dict, batch: int, device, gen) -> list[torch.Tensor]:
@@ -279,6 +295,9 @@ TUNE = {  # candidate plan overrides per configuration (benchmark --tune)
             ("w2", dict(num_warps=2, split_waves=4))],
     "gqa-q4_0": [("bn128", dict(block_n=128)), ("r128", dict(maxnreg=128, split_waves=4)),
                  ("hp4-bn64", dict(heads_per_program=4, block_n=64))],
+    "mla": [("w8", dict(num_warps=8)), ("bn16-w8", dict(block_n=16, num_warps=8)),
+            ("bn64-w8", dict(block_n=64, num_warps=8)), ("bn16", dict(block_n=16)),
+            ("w8-waves1", dict(num_warps=8, split_waves=1))],
     "std": [("hp1-bn64", dict(heads_per_program=1, block_n=64)), ("hp2-bn64", dict(heads_per_program=2, block_n=64)),
             ("hp1-bn64-w2", dict(heads_per_program=1, block_n=64, split_waves=2))],
 }
@@ -289,6 +308,8 @@ def tune_variants(name: str):
         return TUNE["dba"]
     if name == "std-bf16":
         return TUNE["std"]
+    if name.startswith("mla-"):
+        return TUNE["mla"]
     return TUNE.get(name, [])
 
 

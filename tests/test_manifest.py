@@ -415,7 +415,8 @@ def _doc_text() -> str:
 
 def test_docs_mention_every_config_field():
     from attnlab.config import attention, cache, data, manifest as mcfg, model, train, upcycle, verify
-    classes = [attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
+    from attnlab.nn.attention.mla import MLAAttentionConfig
+    classes = [MLAAttentionConfig, attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
                attention.DecoupledAttentionConfig, attention.RopeConfig, attention.Llama3RopeScaling,
                model.ModelConfig, model.MLPConfig, model.LayerOverride, model.BlockNode, model.AttentionNode,
                model.MLPNode, model.NormNode, model.SequentialNode, model.ResidualNode, model.ParallelNode,

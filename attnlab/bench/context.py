@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab._version import __version__
 from attnlab.fsutil import atomic_write_text, write_error
 from attnlab.paths import safe_child
 
@@ -74,10 +75,8 @@ def _jsonable(value):
 
 def bench_provenance(ctx: BenchContext, config: dict) -> dict:
     """Device, dtype, versions, command and benchmark config for a record."""
-    import attnlab
-
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu"
-    versions = {"attnlab": attnlab.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    versions = {"attnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
                 "numpy": np.__version__, "cuda": torch.version.cuda}
     try:
         import triton

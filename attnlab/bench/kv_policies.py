@@ -7,20 +7,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attnlab.bench.perplexity import cached_decode_nll, forward_nll
+from attnlab.bench.nll import cached_decode_nll, forward_nll
 from attnlab.cache import CachePolicy
-from attnlab.config.attention import DecoupledAttentionConfig
+from attnlab.config.variants import mixed_policy
 from attnlab.summary import format_table
 
 DEFAULT_POLICIES = ("fp16", "q8_0", "q4_0", "nf4")
-HETEROGENEOUS = {"decoupled": "k_sem=q4_0,k_geo=q8_0,v=q4_0", "standard": "k=q8_0,v=q4_0"}
 
 
 def default_policies(model) -> list[str]:
-    """fp16, q8_0, q4_0, nf4 and the paper's heterogeneous policy (DBA: semantic keys q4_0,
-    geometric keys q8_0, values q4_0; standard: keys q8_0, values q4_0)."""
-    kind = "decoupled" if any(isinstance(s, DecoupledAttentionConfig) for s in model.config.attention_specs()) else "standard"
-    return list(DEFAULT_POLICIES) + [HETEROGENEOUS[kind]]
+    """fp16, q8_0, q4_0, nf4 and the model's heterogeneous policy: its attention variants'
+    ``mixed_policy`` (DBA: the paper's semantic keys q4_0, geometric keys q8_0, values q4_0;
+    standard: keys q8_0, values q4_0; MLA: latent and RoPE key q8_0)."""
+    mixed = mixed_policy(model.config.attention_specs())
+    return list(DEFAULT_POLICIES) + [",".join(f"{k}={v}" for k, v in mixed.items())]
 
 
 @dataclass

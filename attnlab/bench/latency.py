@@ -27,8 +27,8 @@ from attnlab.infer.runtime import DecodeRuntime
 
 # ---------------------------------------------------------------- shared helpers
 def heterogeneous_policy(model) -> str:
-    """The paper's heterogeneous policy for this model (DBA: ``k_sem=q4_0,k_geo=q8_0,v=q4_0``;
-    standard: ``k=q8_0,v=q4_0``)."""
+    """The heterogeneous policy of this model's attention variants (their ``mixed_policy``; DBA:
+    the paper's ``k_sem=q4_0,k_geo=q8_0,v=q4_0``)."""
     return default_policies(model)[-1]
 
 

@@ -1,89 +1,18 @@
-"""Held-out negative log-likelihood: by full forward, and by cached decode under a cache policy
-(every token goes through a ``DecodeRuntime`` one step at a time, so attention reads the stored —
-possibly quantized — keys and values exactly as generation does)."""
+"""The ``perplexity`` benchmark: held-out NLL per cache policy, by cached decode, beside the full
+forward (the measurement is ``bench.nll``; its names are re-exported here)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from attnlab.bench.kv_policies import compare_policies, default_policies
+from attnlab.bench.nll import NLLResult, cached_decode_nll, eval_windows, forward_nll
+from attnlab.errors import AttnlabError
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from attnlab.cache import CachePolicy
-from attnlab.infer.runtime import DecodeRuntime
-
-
-@dataclass
-class NLLResult:
-    nll: float           # mean nats per predicted token
-    tokens: int
-    windows: int
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll)
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int, align: int = 1) -> torch.Tensor:
-    """(N, seq_len + 1) evenly spaced windows over a 1-D token array (deterministic); with
-    ``align`` > 1 (fixed-length documents) each starts at a document start."""
-    if align > 1:
-        seq_len = min(seq_len, align - 1)
-    span = seq_len + 1
-    if len(tokens) < span:
-        raise ValueError(f"{len(tokens)} held-out tokens are fewer than one window of {span}")
-    count = min(num_windows, len(tokens) // span)
-    starts = np.linspace(0, len(tokens) - span, count).astype(np.int64)
-    if align > 1:
-        starts = np.unique(starts // align * align)
-    return torch.from_numpy(np.stack([np.asarray(tokens[s: s + span], dtype=np.int64) for s in starts]))
-
-
-@torch.no_grad()
-def forward_nll(model, windows: torch.Tensor, batch_size: int = 8) -> NLLResult:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i: i + batch_size].to(device)
-        logits = model(w[:, :-1]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        count += w[:, 1:].numel()
-    return NLLResult(total / count, count, len(windows))
-
-
-@torch.no_grad()
-def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | None,
-                      batch_size: int = 8, prefill: int = 1) -> tuple[NLLResult, DecodeRuntime]:
-    """NLL when the first ``prefill`` tokens of each window are prefilled (``runtime.forward``)
-    and every later token is fed one ``runtime.step`` at a time, through a runtime under
-    ``policy`` sized to the window. Returns the last batch's runtime too (for byte accounting)."""
-    device = next(model.parameters()).device
-    length = windows.shape[1] - 1
-    total, count, runtime = torch.zeros((), dtype=torch.float64, device=device), 0, None
-    for i in range(0, len(windows), batch_size):
-        w = windows[i: i + batch_size].to(device)
-        if runtime is None or runtime.batch != len(w):
-            runtime = None  # free the previous cache first
-            runtime = DecodeRuntime(model, policy, batch=len(w), max_length=length)
-        else:
-            runtime.reset()
-        logits = runtime.forward(w[:, :prefill]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1: prefill + 1].flatten(), reduction="sum").double()
-        for t in range(prefill, length):
-            # consumed before the next step (the step's logits buffer is reused)
-            total += F.cross_entropy(runtime.step(w[:, t]).float(), w[:, t + 1], reduction="sum").double()
-        count += w[:, 1:].numel()
-    return NLLResult(total.item() / count, count, len(windows)), runtime
+__all__ = ["NLLResult", "cached_decode_nll", "eval_windows", "forward_nll", "run_perplexity"]
 
 
 def run_perplexity(cfg, ctx) -> list[dict]:
     """Rows per cache policy: analytic/allocated KV bytes per token, cached-decode NLL and the
     gap to the full forward (``PerplexityBench``)."""
-    from attnlab.bench.kv_policies import compare_policies, default_policies
-    from attnlab.errors import AttnlabError
-
     if ctx.heldout is None:
         raise AttnlabError("perplexity benchmark needs held-out tokens (a run folder with data)")
     seq_len = cfg.seq_len or ctx.model.config.block_size

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
 
+from attnlab.api import load
 from attnlab.bench.context import BenchContext, BenchRecord, bench_provenance
 from attnlab.errors import AttnlabError, ConfigError
 from attnlab.fsutil import folder_lock
 from attnlab.paths import check_name
+from attnlab.runfolder import RunFolder, resolve_checkpoint
 
-#: benchmark type -> "module:function" (imported on use)
+#: benchmark type -> "module:function" (imported on use: import cost; no module here imports this one)
 RUNNERS = {
     "perplexity": "attnlab.bench.perplexity:run_perplexity",
     "latency": "attnlab.bench.latency:run_latency",
@@ -41,33 +42,21 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
 
 class Target:
     """A run folder or checkpoint to benchmark: loads the model once per (device, dtype) and
-    knows the run's held-out tokens, tokenizer and cache policy."""
+    knows the run's held-out tokens, tokenizer and cache policy (through its ``RunFolder``)."""
 
     def __init__(self, path: str | Path, key: str | None = None, siblings: dict[str, Path] | None = None):
-        from attnlab.api import resolve_checkpoint
-
         self.path = Path(path)
         self.checkpoint = resolve_checkpoint(self.path)
-        self.run_dir = self.path if self.path.is_dir() else self.path.parent
+        self.folder = RunFolder.of(self.path)
+        self.run_dir = self.folder.path
         self.key = key or f"{self.run_dir.parent.name}/{self.run_dir.name}"
         self.siblings = siblings or {}
-        resolved = self.run_dir / "resolved_config.json"
-        self.config = None
-        if resolved.is_file():
-            try:
-                self.config = json.loads(resolved.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-                raise AttnlabError(f"{resolved}: unreadable run record ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
-            if not isinstance(self.config, dict):
-                raise AttnlabError(f"{resolved}: expected a JSON object, got {type(self.config).__name__}")
+        self.config = self.folder.resolved_config()  # None for a bare checkpoint
         self._models: dict = {}
         self._heldout = None
         self.align = 1
 
     def model(self, device: torch.device, dtype: torch.dtype):
-        from attnlab.api import load
-
         key = (str(device), dtype)
         if key not in self._models:
             self._models[key] = load(self.checkpoint).to(device=device, dtype=dtype).eval()
@@ -75,22 +64,14 @@ class Target:
 
     def heldout(self):
         if self._heldout is None and self.config is not None:
-            from attnlab.api import run_heldout_tokens
-
-            self._heldout, self.align = run_heldout_tokens(self.run_dir, with_align=True)
+            self._heldout, self.align = self.folder.heldout_tokens(with_align=True)
         return self._heldout
 
     def tokenizer(self):
-        from attnlab.api import run_tokenizer
-        from attnlab.data import build_tokenizer
-
-        cfg = run_tokenizer(self.run_dir)
-        return build_tokenizer(cfg) if cfg is not None else None
+        return self.folder.tokenizer()
 
     def cache_policy(self) -> str | None:
-        from attnlab.api import run_cache_policy
-
-        return run_cache_policy(self.run_dir)
+        return self.folder.cache_policy()
 
     def reference_loader(self, device, dtype):
         def load_reference(run_id: str):

@@ -53,13 +53,19 @@ def _rows(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class LayerCache:
-    """One attention layer's cache: a ``FieldStore`` per field (``k`` | ``k_sem``, ``k_geo``;
-    and ``v``) in its policy format, plus the optional full-precision tail ring. Geometric keys
-    are stored after RoPE. ``kernel_plans``: per-shape kernel plans (layouts, scratch buffers)
-    that ``attnlab.kernels`` computes once and reuses."""
+    """One attention layer's cache: a ``FieldStore`` per stored field of the layer's cache spec
+    (``dims.cache_fields``: key fields, then ``v`` unless values are read from a key field,
+    ``dims.value_alias``) in its policy format, plus the optional full-precision tail ring.
+    Rotary keys are stored after RoPE. ``kernel_plans``: per-shape kernel plans (layouts,
+    scratch buffers) that ``attnlab.kernels`` computes once and reuses. ``read``/``stored``
+    accept ``v`` for an aliased value field."""
 
     def __init__(self, dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
+        per_block = [f.name for f in dims.key_fields if f.row != "token"]
+        if per_block:
+            raise AttnlabError(f"cache field(s) {', '.join(per_block)} are not one row per token; this cache "
+                               "stores per-token rows only")
         self.dims = dims
         self.tail = policy.tail
         self.batch = batch
@@ -70,6 +76,8 @@ class LayerCache:
         self.formats = {name: policy.format_for(name, native) for name in self.row_lengths}
         self.stores = {name: FieldStore(self.formats[name], n, batch, capacity, device, dtype)
                        for name, n in self.row_lengths.items()}
+        if dims.value_alias is not None:
+            self.formats["v"] = self.formats[dims.value_alias]
         self.window = (TailWindow(policy.tail + policy.rollback, self.row_lengths, batch, device, dtype)
                        if policy.tail else None)
         self.kernel_plans: dict = {}
@@ -99,15 +107,20 @@ class LayerCache:
         else:
             self.window.write(step.host_offsets, step.host_valid, _rows(fields))
 
+    def stored(self, name: str) -> str:
+        """The stored field behind ``name`` (``v`` -> the aliased key field, if any)."""
+        return self.dims.value_field if name == "v" else name
+
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
         """Positions start..end-1 of field ``name`` as stored (dequantized): (B, KV, c, head_dim)."""
-        return self._heads(self.stores[name].read(start, end))
+        return self._heads(self.stores[self.stored(name)].read(start, end))
 
     def read_exact(self, name: str, start: int, end: int, offsets: list[int],
                    fresh: torch.Tensor | None) -> torch.Tensor:
         """Positions start..end-1 at full precision where it is kept: positions >= offsets[b]
         (this forward's tokens) from ``fresh`` (B, KV, T, head_dim), older ones from the tail
         ring; positions neither covers come back as stored (callers never use them as exact)."""
+        name = self.stored(name)
         chunk = self.stores[name].read(start, end)
         if self.window is not None:
             lengths = offsets  # the ring holds tokens before this forward

@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attnlab.config.attention import AttentionDims
+from attnlab.config.variants import known_field_names, stored_fields
 from attnlab.errors import ConfigError
 from attnlab.quant.formats import FORMATS
-
-#: every field name any attention variant stores
-KNOWN_FIELDS = ("k", "k_sem", "k_geo", "v")
 
 
 @dataclass(frozen=True)
@@ -30,9 +28,10 @@ class CachePolicy:
     rollback: int = 64
 
     def __post_init__(self):
+        known = known_field_names()  # of every registered attention variant
         for name, fmt in self.formats.items():
-            if name not in KNOWN_FIELDS:
-                raise ConfigError("cache_policy", f"unknown cache field {name!r} (fields: {', '.join(KNOWN_FIELDS)})",
+            if name not in known:
+                raise ConfigError("cache_policy", f"unknown cache field {name!r} (fields: {', '.join(sorted(known))})",
                                   show_value=False)
             _check_format(fmt, name)
         if self.default is not None:
@@ -66,11 +65,13 @@ class CachePolicy:
     def check_fields(self, dims: list[AttentionDims]) -> None:
         """A policy may only name fields some attention layer stores (hybrid stacks mix
         ``k`` layers with ``k_sem``/``k_geo`` layers)."""
-        have = {name for d in dims for name in d.cache_fields}
+        have = stored_fields(dims)
         for name in self.formats:
             if name not in have:
+                aliased = sorted({d.value_alias for d in dims if name == "v" and d.value_alias})
+                why = f"; values are read from {', '.join(aliased)}" if aliased else ""
                 raise ConfigError("cache_policy", f"field {name!r} does not exist for this attention "
-                                  f"(its cache fields are {', '.join(sorted(have))})", show_value=False)
+                                  f"(its cache fields are {', '.join(sorted(have))}{why})", show_value=False)
 
     @property
     def label(self) -> str:

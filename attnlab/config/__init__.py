@@ -1,8 +1,8 @@
 """Typed, validated configuration for every area of attnlab (validated before any tensor exists)."""
 
 from attnlab.config.attention import (
-    AttentionConfig,
     AttentionDims,
+    AttentionSpec,
     BottleneckAttentionConfig,
     DecoupledAttentionConfig,
     KeyField,
@@ -27,9 +27,10 @@ from attnlab.config.model import (
     SequentialNode,
 )
 from attnlab.config.train import TrainConfig
+from attnlab.config.variants import AttentionConfig
 
 __all__ = [
-    "AttentionConfig", "AttentionDims", "AttentionNode", "BlockNode", "BottleneckAttentionConfig",
+    "AttentionConfig", "AttentionDims", "AttentionSpec", "AttentionNode", "BlockNode", "BottleneckAttentionConfig",
     "DataConfig", "DecoupledAttentionConfig", "KeyField", "LayerOverride", "Llama3RopeScaling",
     "MLPConfig", "MLPNode", "ModelConfig", "NormNode", "ParallelNode", "RepeatNode", "ResidualNode",
     "RopeConfig", "SequentialNode", "StandardAttentionConfig", "StrictModel", "TokenizerConfig",

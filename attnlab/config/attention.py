@@ -9,7 +9,7 @@ description in numbers; caches, byte accounting and kernels all read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -56,7 +56,19 @@ class RopeConfig(StrictModel):
     inv_freq: list[float] | list[list[float]] | None = None
 
 
-class _AttentionBase(StrictModel):
+class AttentionSpec(StrictModel):
+    """Base of every attention variant's config. A variant (see ``attnlab.config.variants``)
+    subclasses it with a ``type: Literal["name"]`` field and says, in numbers, what its layer
+    computes and caches (``dims``); everything else (plans, byte accounting, cache allocation,
+    policy checks, summaries) reads that description.
+
+    Class attributes: ``description`` (one line for plans), ``mixed_policy`` (the variant's
+    heterogeneous cache policy, field -> format: the paper's analogue for this variant)."""
+
+    description: ClassVar[str] = ""
+    mixed_policy: ClassVar[dict[str, str]] = {}  # names every field the variant stores
+
+    type: str
     num_heads: int = Field(gt=0)
     num_kv_heads: int | None = Field(None, gt=0, description="GQA/MQA: defaults to num_heads")
     bias: bool = False
@@ -81,6 +93,30 @@ class _AttentionBase(StrictModel):
             )
         return self
 
+    def dims(self, d_model: int) -> "AttentionDims":
+        """The layer's cache spec and per-head dims for a model of width ``d_model``."""
+        raise NotImplementedError(f"attention variant {type(self).__name__} must define dims()")
+
+    def check_width(self, d_model: int) -> None:
+        """Cross-checks that need d_model; raises ValueError with the reason."""
+
+    def approx_params(self, d_model: int) -> int:
+        """Weights of the projections (biases and small extras ignored), from ``dims``; variants
+        whose projections are not q/k/v/out of these widths override it."""
+        dims = self.dims(d_model)
+        h, kv = dims.num_heads, dims.num_kv_heads
+        qk, v = dims.qk_head_dim, dims.v_head_dim
+        return d_model * (h * qk + kv * qk + kv * v) + h * v * d_model
+
+    def label(self, dims: "AttentionDims") -> str:
+        """A compact label for summaries, e.g. 'standard h12/kv4 hd64'."""
+        widths = "/".join(f"{f.name}{f.head_dim}" for f in dims.key_fields)
+        return f"{self.type} {_heads(dims)} {widths}/v{dims.v_head_dim}"
+
+
+def _heads(dims: "AttentionDims") -> str:
+    return f"h{dims.num_heads}" + (f"/kv{dims.num_kv_heads}" if dims.num_kv_heads != dims.num_heads else "")
+
 
 def _check_rope(rope: RopeConfig | None, head_dim: int, what: str, kv_heads: int | None = None) -> None:
     if rope is None:
@@ -98,23 +134,52 @@ def _check_rope(rope: RopeConfig | None, head_dim: int, what: str, kv_heads: int
             raise ValueError(f"rope.inv_freq has {len(entry)} entries; {what}={head_dim} needs {head_dim // 2}")
 
 
-class StandardAttentionConfig(_AttentionBase):
+class StandardAttentionConfig(AttentionSpec):
     """Multi-head attention; ``num_kv_heads`` < ``num_heads`` gives GQA (1 gives MQA).
 
     ``head_dim`` defaults to d_model / num_heads.
     """
 
+    description: ClassVar[str] = "multi-head attention (GQA/MQA via num_kv_heads), RoPE on q/k"
+    mixed_policy: ClassVar[dict[str, str]] = {"k": "q8_0", "v": "q4_0"}
+
     type: Literal["standard"] = "standard"
     head_dim: int | None = Field(None, gt=0)
     rope: RopeConfig | None = Field(default_factory=RopeConfig)
 
+    def dims(self, d_model: int) -> "AttentionDims":
+        hd = self.head_dim if self.head_dim is not None else d_model // self.num_heads
+        return AttentionDims(self.num_heads, self.kv_heads, (KeyField("k", hd, self.rope is not None),), hd)
 
-class BottleneckAttentionConfig(_AttentionBase):
+    def check_width(self, d_model: int) -> None:
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={self.num_heads}")
+        _check_rope(self.rope, self.dims(d_model).v_head_dim, "head_dim", self.kv_heads)
+
+    def label(self, dims: "AttentionDims") -> str:
+        return f"standard {_heads(dims)} hd{dims.v_head_dim}"
+
+
+class BottleneckAttentionConfig(AttentionSpec):
     """Q/K/V projected to ``attn_dim`` < d_model before scoring (paper section 3.2)."""
+
+    description: ClassVar[str] = "bottleneck attention: q/k/v projected to attn_dim < d_model"
+    mixed_policy: ClassVar[dict[str, str]] = {"k": "q8_0", "v": "q4_0"}
 
     type: Literal["bottleneck"] = "bottleneck"
     attn_dim: int = Field(gt=0)
     rope: RopeConfig | None = Field(default_factory=RopeConfig)
+
+    def dims(self, d_model: int) -> "AttentionDims":
+        hd = self.attn_dim // self.num_heads
+        return AttentionDims(self.num_heads, self.kv_heads, (KeyField("k", hd, self.rope is not None),), hd)
+
+    def check_width(self, d_model: int) -> None:
+        if self.attn_dim >= d_model:
+            raise ValueError(f"bottleneck attn_dim={self.attn_dim} must be smaller than d_model={d_model}")
+
+    def label(self, dims: "AttentionDims") -> str:
+        return f"bottleneck {_heads(dims)} hd{dims.v_head_dim}"
 
     @model_validator(mode="after")
     def _check_dims(self) -> "BottleneckAttentionConfig":
@@ -124,13 +189,17 @@ class BottleneckAttentionConfig(_AttentionBase):
         return self
 
 
-class DecoupledAttentionConfig(_AttentionBase):
+class DecoupledAttentionConfig(AttentionSpec):
     """Decoupled Bottleneck Attention (paper 3.3-3.5).
 
     score = q_sem.k_sem / sqrt(sem_head_dim) + q_geo.k_geo / sqrt(geo_head_dim), RoPE on the
     geometric path only. ``sem_dim``/``geo_dim``/``v_dim`` are query-side totals over all heads
     (per-head dims are these divided by ``num_heads``); the KV side has ``num_kv_heads`` heads.
     """
+
+    description: ClassVar[str] = ("decoupled bottleneck attention (DBA): semantic keys without RoPE + "
+                                  "geometric keys with RoPE")
+    mixed_policy: ClassVar[dict[str, str]] = {"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}  # the paper's
 
     type: Literal["decoupled"] = "decoupled"
     sem_dim: int = Field(gt=0)
@@ -156,20 +225,30 @@ class DecoupledAttentionConfig(_AttentionBase):
             )
         return self
 
+    def dims(self, d_model: int) -> "AttentionDims":
+        h = self.num_heads
+        v_dim = self.v_dim if self.v_dim is not None else self.sem_dim + self.geo_dim
+        fields = (KeyField("k_sem", self.sem_dim // h, False), KeyField("k_geo", self.geo_dim // h, True))
+        return AttentionDims(h, self.kv_heads, fields, v_dim // h, self.null_token)
 
-AttentionConfig = Annotated[
-    Union[StandardAttentionConfig, BottleneckAttentionConfig, DecoupledAttentionConfig],
-    Field(discriminator="type"),
-]
+    def label(self, dims: "AttentionDims") -> str:
+        sem, geo = dims.key_fields
+        extras = [x for x, on in (("null", self.null_token), ("tied", self.tie_qk), ("gate", self.gate)) if on]
+        text = f"decoupled {_heads(dims)} sem{sem.head_dim}/geo{geo.head_dim}/v{dims.v_head_dim}"
+        return text + (f" +{'+'.join(extras)}" if extras else "")
 
 
 @dataclass(frozen=True)
 class KeyField:
-    """One key field of a cache: ``name`` (``k``, ``k_sem``, ``k_geo``), per-head dim, RoPE'd."""
+    """One key field of a cache: ``name`` (``k``, ``k_sem``, ``k_geo``, ``c_kv``, ...), per-head
+    dim, RoPE'd. ``row``: what one stored row is — ``token`` (one per token; the only kind the
+    caches and kernels store today), ``block`` (one per block of tokens) or ``state`` (a
+    recurrent state)."""
 
     name: str
     head_dim: int
     rotary: bool
+    row: Literal["token", "block", "state"] = "token"
 
 
 @dataclass(frozen=True)
@@ -181,41 +260,38 @@ class AttentionDims:
     key_fields: tuple[KeyField, ...]
     v_head_dim: int
     null_token: bool = False
+    value_alias: str | None = None  # values are read from this key field (MLA: the latent c_kv)
+
+    def __post_init__(self):
+        if self.value_alias is not None:
+            field = next((f for f in self.key_fields if f.name == self.value_alias), None)
+            if field is None or field.head_dim != self.v_head_dim or field.rotary:
+                raise ValueError(f"value_alias={self.value_alias!r} must name an unrotated key field of "
+                                 f"v's width {self.v_head_dim}")
 
     @property
     def qk_head_dim(self) -> int:
         return sum(f.head_dim for f in self.key_fields)
 
     @property
+    def value_field(self) -> str:
+        """The stored field values are read from: ``v`` or the aliased key field."""
+        return self.value_alias or "v"
+
+    @property
     def cache_fields(self) -> dict[str, int]:
-        """Cache field name -> per-kv-head dim, keys first then ``v``."""
+        """Stored field name -> per-kv-head dim, keys first then ``v`` (absent when aliased)."""
         out = {f.name: f.head_dim for f in self.key_fields}
-        out["v"] = self.v_head_dim
+        if self.value_alias is None:
+            out["v"] = self.v_head_dim
         return out
 
 
-def attention_dims(cfg: StandardAttentionConfig | BottleneckAttentionConfig | DecoupledAttentionConfig,
-                   d_model: int) -> AttentionDims:
+def attention_dims(cfg: AttentionSpec, d_model: int) -> AttentionDims:
     """Resolve per-head dims of ``cfg`` for a model of width ``d_model``."""
-    h, kv = cfg.num_heads, cfg.kv_heads
-    if isinstance(cfg, DecoupledAttentionConfig):
-        v_dim = cfg.v_dim if cfg.v_dim is not None else cfg.sem_dim + cfg.geo_dim
-        fields = (KeyField("k_sem", cfg.sem_dim // h, False), KeyField("k_geo", cfg.geo_dim // h, True))
-        return AttentionDims(h, kv, fields, v_dim // h, cfg.null_token)
-    if isinstance(cfg, BottleneckAttentionConfig):
-        hd = cfg.attn_dim // h
-    else:
-        hd = cfg.head_dim if cfg.head_dim is not None else d_model // h
-    return AttentionDims(h, kv, (KeyField("k", hd, cfg.rope is not None),), hd)
+    return cfg.dims(d_model)
 
 
-def check_attention_against_width(cfg, d_model: int) -> None:
+def check_attention_against_width(cfg: AttentionSpec, d_model: int) -> None:
     """Cross-checks that need d_model; raises ValueError with the reason."""
-    if isinstance(cfg, StandardAttentionConfig) and cfg.head_dim is None:
-        if d_model % cfg.num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={cfg.num_heads}")
-        _check_rope(cfg.rope, d_model // cfg.num_heads, "head_dim", cfg.kv_heads)
-    elif isinstance(cfg, StandardAttentionConfig):
-        _check_rope(cfg.rope, cfg.head_dim, "head_dim", cfg.kv_heads)
-    if isinstance(cfg, BottleneckAttentionConfig) and cfg.attn_dim >= d_model:
-        raise ValueError(f"bottleneck attn_dim={cfg.attn_dim} must be smaller than d_model={d_model}")
+    cfg.check_width(d_model)

@@ -2,33 +2,64 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from attnlab.config.base import StrictModel
+from attnlab.config.variants import known_field_names
 
 Format = Literal["fp64", "fp32", "fp16", "bf16", "q8_0", "q4_0", "nf4"]
+_SETTINGS = ("default", "tail", "rollback")
 
 
 class CacheConfig(StrictModel):
-    """Storage format per cache field (``k`` for standard/bottleneck layers; ``k_sem``, ``k_geo``
-    for DBA layers; ``v`` for all), ``default`` for fields not named (null: the model's dtype),
-    ``tail`` newest tokens also kept at full precision, ``rollback`` tokens that ``truncate`` may
-    undo while that tail stays exact. Geometric keys are stored after RoPE."""
+    """Storage format per cache field, named at the top level of the section (each attention
+    variant's fields: ``k`` for standard/bottleneck layers; ``k_sem``, ``k_geo`` for DBA;
+    ``c_kv``, ``k_rope`` for MLA; ``v`` for the value field), ``default`` for fields not named
+    (null: the model's dtype), ``tail`` newest tokens also kept at full precision, ``rollback``
+    tokens that ``truncate`` may undo while that tail stays exact. Rotary keys are stored after
+    RoPE. ``fields`` holds the per-field formats (the top-level names are gathered into it)."""
 
     default: Format | None = None
-    k: Format | None = None
-    k_sem: Format | None = None
-    k_geo: Format | None = None
-    v: Format | None = None
+    fields: dict[str, Format] = Field(default_factory=dict)
     tail: int = Field(0, ge=0)
     rollback: int = Field(64, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        named = {k: v for k, v in data.items() if k not in (*_SETTINGS, "fields")}
+        if not named:
+            return data
+        nested = data.get("fields") or {}
+        if not isinstance(nested, dict):
+            return data  # the field's own validation reports it
+        out = {k: v for k, v in data.items() if k in _SETTINGS}
+        out["fields"] = {**nested, **{k: v for k, v in named.items() if v is not None}}
+        return out
+
+    @field_validator("fields", mode="after")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        known = known_field_names()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown cache field {name!r} (fields of the registered attention variants: "
+                                 f"{', '.join(sorted(known))})")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler) -> dict:
+        data = handler(self)
+        return {k: v for k, v in data.items() if k != "fields"} | dict(data.get("fields", {}))
 
     def policy_text(self) -> str:
         """The equivalent ``--cache-policy`` string."""
         parts = [self.default] if self.default else []
-        parts += [f"{name}={getattr(self, name)}" for name in ("k", "k_sem", "k_geo", "v") if getattr(self, name)]
+        parts += [f"{name}={fmt}" for name, fmt in self.fields.items()]
         parts += [f"tail={self.tail}"] if self.tail else []
         parts += [f"rollback={self.rollback}"] if self.rollback != 64 else []
         return ",".join(parts)

@@ -6,9 +6,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from attnlab.config.attention import AttentionConfig, attention_dims, check_attention_against_width
+from attnlab.config.attention import check_attention_against_width
 from attnlab.config.base import StrictModel
 from attnlab.config.limits import Limits, check_count, human_count, limits_from
+from attnlab.config.variants import AttentionConfig
 
 
 def _default_attention_type(value):
@@ -202,6 +203,10 @@ class ModelConfig(StrictModel):
             check_attention_against_width(spec, self.d_model)
         return self
 
+    def layer_dims(self) -> list:
+        """Cache spec (``AttentionDims``) of every attention layer, in forward order."""
+        return [spec.dims(self.d_model) for spec in self.attention_specs()]
+
     def attention_specs(self) -> list:
         """Attention config of every attention layer, in forward order."""
         if self.topology is None:
@@ -265,10 +270,7 @@ def _check_topology_size(root, limits: Limits) -> None:
 
 
 def _attention_params(spec, d_model: int) -> int:
-    dims = attention_dims(spec, d_model)
-    h, kv = dims.num_heads, dims.num_kv_heads
-    qk, v = dims.qk_head_dim, dims.v_head_dim
-    return d_model * (h * qk + kv * qk + kv * v) + h * v * d_model
+    return spec.approx_params(d_model)
 
 
 def _mlp_params(spec: MLPConfig, d_model: int) -> int:

@@ -389,9 +389,10 @@ def _exportable(cfg: ModelConfig) -> tuple[StandardAttentionConfig | BottleneckA
     specs = cfg.attention_specs()
     mlps = [cfg.mlp_for_layer(i) for i in range(len(specs))] if cfg.topology is None else [cfg.mlp]
     for i, spec in enumerate(specs):
-        if isinstance(spec, DecoupledAttentionConfig):
-            extra = " with null tokens" if spec.null_token else ""
-            problems.append(f"decoupled (DBA) attention{extra} in layer {i}")
+        if not isinstance(spec, StandardAttentionConfig | BottleneckAttentionConfig):
+            extra = " with null tokens" if getattr(spec, "null_token", False) else ""
+            name = "decoupled (DBA)" if isinstance(spec, DecoupledAttentionConfig) else repr(spec.type)
+            problems.append(f"{name} attention{extra} in layer {i}")
             break
         if spec.rope is None:
             problems.append(f"attention without RoPE in layer {i}")

@@ -14,7 +14,7 @@ def source_model_config(path: str | Path, where: str = "teacher") -> ModelConfig
     or an attnlab ``.pt`` checkpoint."""
     path = Path(path)
     if path.is_dir() and (path / "resolved_config.json").is_file():
-        from attnlab.api import read_json_object
+        from attnlab.runfolder import read_json_object
 
         resolved = path / "resolved_config.json"
         model = read_json_object(resolved, "resolved_config.json").get("model")

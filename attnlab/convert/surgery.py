@@ -55,10 +55,11 @@ from attnlab.errors import ConfigError, InputError
 from attnlab.model.decoder import DecoderLM
 from attnlab.model.stats import PAPER_DBA_POLICY, kv_bytes_per_token_layer, policy_label
 from attnlab.nn.attention import AttentionLayer, DecoupledAttention
+from attnlab.nn.attention.functional import field_scores
 from attnlab.nn.rope import rope_inv_freq
 
 Tensor = torch.Tensor
-TEACHER_MIXED_POLICY = {"k": "q8_0", "v": "q4_0"}  # the teacher's analogue of the paper policy
+TEACHER_MIXED_POLICY = StandardAttentionConfig.mixed_policy  # the teacher's analogue of the paper policy
 FORMATS = ("fp16", "q8_0", "q4_0")
 
 
@@ -334,11 +335,7 @@ def upcycle_attention(teacher: AttentionLayer, spec: StandardAttentionConfig, pl
 def attention_logits(layer: AttentionLayer, hidden: Tensor, positions: Tensor) -> Tensor:
     """Pre-softmax scores sum_f scale_f q_f . k_f, float64, (B, H, T, T), unmasked."""
     p = layer.project(hidden, positions)
-    group = layer.dims.num_heads // layer.dims.num_kv_heads
-    out = 0
-    for q, k, scale in zip(p.q, p.k, layer.scales):
-        out = out + scale * (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2))
-    return out
+    return field_scores(p.q, p.k, layer.scales, dtype=torch.float64)
 
 
 @torch.no_grad()

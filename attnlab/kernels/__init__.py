@@ -79,7 +79,7 @@ def field_specs(cache):
     def make():
         dims = cache.dims
         keys = [FieldSpec(f.name, cache.formats[f.name], dims.num_kv_heads, f.head_dim) for f in dims.key_fields]
-        return keys, FieldSpec("v", cache.formats["v"], dims.num_kv_heads, dims.v_head_dim)
+        return keys, FieldSpec("v", cache.formats["v"], dims.num_kv_heads, dims.v_head_dim)  # maybe an alias
 
     return _memo(cache, ("field_specs",), make)
 
@@ -93,7 +93,8 @@ def field_data(cache):
         ring = cache.window.rows[name] if cache.window is not None else None
         return FieldData(data=store.data, codes=store.codes, scales=store.scales, ring=ring)
 
-    return _memo(cache, ("field_data",), lambda: ([one(f.name) for f in cache.dims.key_fields], one("v")))
+    return _memo(cache, ("field_data",),
+                 lambda: ([one(f.name) for f in cache.dims.key_fields], one(cache.dims.value_field)))
 
 
 # ------------------------------------------------------------------ writes

@@ -43,7 +43,7 @@ FLOAT_FORMATS = ("fp32", "fp16", "bf16")
 #: block format -> (kernel format code, values per block, code bytes per block, bits per code)
 BLOCK_FORMATS = {"q8_0": (1, 32, 32, 8), "q4_0": (2, 32, 16, 4), "nf4": (3, 64, 32, 4)}
 SUPPORTED_FORMATS = FLOAT_FORMATS + tuple(BLOCK_FORMATS)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512  # MLA's latent (kv_lora_rank 512)
 _ESIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,6 +1,7 @@
 """Reference attention over a (possibly quantized) cache: walks the cache in chunks with an online
 softmax, so a long cache is never dequantized whole. Runs on any device; the fused GPU kernels
-are tested against it.
+are tested against it. Scores come from ``attnlab.nn.attention.functional`` (``group_queries``,
+``grouped_scores``, ``grouped_null_scores``): the same math as the eager reference.
 
 Exact tail: with a policy ``tail=N``, a query at position p reads key/value j at full precision
 iff j > p - N (its N newest tokens), whatever the chunking — so chunked prefill, speculative
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from attnlab.cache.kv import LayerCache
+from attnlab.nn.attention.functional import grouped_null_scores, grouped_scores, group_queries, score_dtype
 
 
 def cached_attention_reference(q: Sequence[torch.Tensor], cache: LayerCache, scales: Sequence[float], *,
@@ -30,10 +32,9 @@ def cached_attention_reference(q: Sequence[torch.Tensor], cache: LayerCache, sca
     dims = cache.dims
     num_kv = dims.num_kv_heads
     group = num_heads // num_kv
-    acc_dtype = torch.promote_types(q[0].dtype, torch.float32)
+    acc_dtype = score_dtype(q)
     device = q[0].device
-    # (B, H, T, d) -> (B, KV, G*T, d): the G query heads of a group share each key read
-    qg = [(qf.to(acc_dtype) * s).reshape(batch, num_kv, group * t_len, -1) for qf, s in zip(q, scales)]
+    qg = group_queries(q, scales, num_kv, acc_dtype)  # (B, KV, G*T, d): a group shares each key read
     q_pos = q_positions.to(device).repeat(1, group).unsqueeze(-1)  # (B, G*T, 1), row index g*T + t
     lengths = torch.tensor(key_lengths, device=device).view(batch, 1, 1)
     rows = group * t_len
@@ -41,7 +42,7 @@ def cached_attention_reference(q: Sequence[torch.Tensor], cache: LayerCache, sca
     if offsets is None:
         offsets = list(key_lengths) if fresh is None else [n - t_len for n in key_lengths]
     if null_k is not None:
-        m = sum(torch.einsum("bkqd,kd->bkq", qf, nk.to(acc_dtype)) for qf, nk in zip(qg, null_k))
+        m = grouped_null_scores(qg, null_k)
         l_sum = torch.ones_like(m)
         acc = null_v.to(acc_dtype).view(1, num_kv, 1, -1).expand(batch, -1, rows, -1).clone()
     else:
@@ -55,13 +56,13 @@ def cached_attention_reference(q: Sequence[torch.Tensor], cache: LayerCache, sca
         k_pos = torch.arange(start, end, device=device).view(1, 1, -1)
         hidden = ((k_pos > q_pos) | (k_pos >= lengths)).unsqueeze(1)  # (B, 1, G*T, c)
         stored = {name: cache.read(name, start, end).to(acc_dtype) for name in names + ["v"]}
-        scores = sum(qf @ stored[name].transpose(-1, -2) for qf, name in zip(qg, names))  # (B, KV, G*T, c)
+        scores = grouped_scores(qg, [stored[name] for name in names])  # (B, KV, G*T, c)
         exact_mask = None
         if tail > 0 and end > first_exact:
             exact = {name: cache.read_exact(name, start, end, offsets, None if fresh is None else fresh[name]).to(acc_dtype)
                      for name in names + ["v"]}
             exact_mask = (k_pos > q_pos - tail).unsqueeze(1)  # (B, 1, G*T, c)
-            exact_scores = sum(qf @ exact[name].transpose(-1, -2) for qf, name in zip(qg, names))
+            exact_scores = grouped_scores(qg, [exact[name] for name in names])
             scores = torch.where(exact_mask, exact_scores, scores)
         scores = scores.masked_fill(hidden, float("-inf"))
         m_new = torch.maximum(m, scores.amax(dim=-1))

@@ -9,11 +9,12 @@ import torch
 
 from attnlab.config.attention import AttentionDims, DecoupledAttentionConfig
 from attnlab.config.model import ModelConfig
+from attnlab.config.variants import mixed_policy
 from attnlab.quant.formats import get_format
 
-#: formats shown by default; DBA models also get the paper's heterogeneous policy
+#: formats shown by default; every model also gets its variants' heterogeneous policy
 DEFAULT_FORMATS = ("fp16", "q8_0", "q4_0")
-PAPER_DBA_POLICY = {"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}
+PAPER_DBA_POLICY = DecoupledAttentionConfig.mixed_policy  # the paper's: k_sem q4_0, k_geo q8_0, v q4_0
 
 
 def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str) -> int:
@@ -74,8 +75,9 @@ def model_stats(cfg: ModelConfig, formats: tuple[str, ...] = DEFAULT_FORMATS) ->
         attn_flops += 2 * d.num_heads * (d.qk_head_dim + d.v_head_dim) * keys
     stats = ModelStats(total, non_embedding, int(2 * matmul_params + attn_flops), dims)
     policies: list[dict[str, str] | str] = list(formats)
-    if any(isinstance(s, DecoupledAttentionConfig) for s in cfg.attention_specs()):
-        policies.append(PAPER_DBA_POLICY)
+    mixed = mixed_policy(cfg.attention_specs())
+    if mixed:
+        policies.append(mixed)
     for policy in policies:
         stats.kv_bytes[policy_label(policy)] = [kv_bytes_per_token_layer(d, policy) for d in dims]
     return stats

@@ -14,12 +14,14 @@ if TYPE_CHECKING:
 @dataclass
 class ForwardContext:
     """``positions``: absolute positions of the T input tokens, (T,) or (B, T).
-    ``attention_impl``: ``fused`` (one SDPA call) or ``eager`` (the reference; tests, debugging).
+    ``attention_impl``: ``fused`` (the fastest backend for the layer's mask: one SDPA call for a
+    causal mask, FlexAttention for others), ``eager`` (the reference; tests, debugging), or a
+    backend by name (``sdpa``, ``flex``); see ``nn.attention.backends.select_backend``.
     With a ``cache``: ``step`` says where the new tokens are written (``step.offsets``; the first
     ``step.valid[b]`` are real, the rest right padding) and attention reads keys
     ``0 .. step.lengths[b] - 1``. The decode runtime builds the step and advances lengths."""
 
     positions: torch.Tensor
-    attention_impl: Literal["fused", "eager"] = "fused"
+    attention_impl: Literal["fused", "eager", "sdpa", "flex"] = "fused"
     cache: "ModelCache | None" = None
     step: "CacheStep | None" = None

@@ -17,7 +17,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's rms_norm is one fused kernel on CUDA (a decode step runs 2 per layer)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # at least float32; float64 stays
+        return F.rms_norm(x.to(acc), (x.shape[-1],), self.weight.to(acc), self.eps).to(x.dtype)
 
 
 def build_norm(kind: str, dim: int, eps: float) -> nn.Module:

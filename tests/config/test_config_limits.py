@@ -221,3 +221,4 @@ def test_good_benchmark_specs_pass():
              {"type": "latency", "gen_lengths": [0, 4], "policy": "q8_0"},
              {"type": "memory", "contexts": [1, 2]}, {"type": "quality", "reference": "run:x"}]
     assert len(validate_benchmarks(specs, "b")) == 4
+

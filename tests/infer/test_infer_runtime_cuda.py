@@ -20,8 +20,10 @@ VARIANTS = {
     "dba_gqa_null_gate": {"type": "decoupled", "num_heads": 4, "num_kv_heads": 2, "sem_dim": 16, "geo_dim": 32,
                           "v_dim": 48, "null_token": True, "gate": True},
     "dba_small_heads": {"type": "decoupled", "num_heads": 8, "sem_dim": 64, "geo_dim": 256, "v_dim": 320},
+    "mla": {"type": "mla", "num_heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
+            "v_head_dim": 32},
 }
-FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "nf4", "k_sem=q4_0,k_geo=q8_0,k=q4_0,v=q4_0"]
+FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "nf4", "k_sem=q4_0,k_geo=q8_0,k=q4_0,v=q4_0,c_kv=q4_0,k_rope=q8_0"]
 
 
 def make_model(attention, dtype=torch.float32, seed=0):
@@ -42,9 +44,10 @@ def prompts(n=3, seed=1):
 
 
 def policy_for(fmt: str, variant: str) -> str:
+    """The fields of ``fmt`` that this variant stores."""
     if "=" not in fmt:
         return fmt
-    fields = {"k", "v"} if not variant.startswith("dba") else {"k_sem", "k_geo", "v"}
+    fields = set(make_model(VARIANTS[variant], dtype=torch.float32).config.layer_dims()[0].cache_fields)
     return ",".join(p for p in fmt.split(",") if p.split("=")[0] in fields)
 
 

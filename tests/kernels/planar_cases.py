@@ -15,9 +15,11 @@ _DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_case(*, num_heads=4, num_kv=2, key_dims=(16,), v_dim=16, formats=None, lengths=(37,), capacity=None,
-              tail=0, ring_extra=4, null=False, dtype=torch.float32, q_dtype=None, device="cpu", seed=0):
+              tail=0, ring_extra=4, null=False, dtype=torch.float32, q_dtype=None, device="cpu", seed=0,
+              value_alias=False):
     """Fields (key names k | k_sem, k_geo | k0, k1, ...), their FieldData, queries and reference
-    inputs. ``formats``: field -> format (missing: the model dtype's float format)."""
+    inputs. ``formats``: field -> format (missing: the model dtype's float format).
+    ``value_alias``: values are key field 0's rows (MLA's latent; ``v_dim`` must equal its dim)."""
     gen = torch.Generator().manual_seed(seed)
     names = {1: ("k",), 2: ("k_sem", "k_geo")}.get(len(key_dims), tuple(f"k{i}" for i in range(len(key_dims))))
     model_fmt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
@@ -49,6 +51,10 @@ def make_case(*, num_heads=4, num_kv=2, key_dims=(16,), v_dim=16, formats=None, 
         datas.append(fd)
         exact.append(x.to(dtype).double())
         stored.append(deq)
+    if value_alias:
+        assert v_dim == key_dims[0]
+        specs[-1] = FieldSpec("v", specs[0].format, num_kv, v_dim)
+        datas[-1], exact[-1], stored[-1] = datas[0], exact[0], stored[0]
     q_dtype = q_dtype or dtype
     q = [torch.randn(batch, num_heads, 1, d, generator=gen).to(q_dtype).to(device) for d in key_dims]
     scales = [1.0 / math.sqrt(d) for d in key_dims]

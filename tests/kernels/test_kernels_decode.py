@@ -116,6 +116,32 @@ def test_ragged_lengths_and_splits(splits):
     check(case, num_splits=splits, block_n=16)
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "q8_0", "q4_0"])
+def test_mla_latent_values_aliased_to_a_key_field(fmt):
+    # MLA's absorbed decode: one kv head for all query heads, keys c_kv (values too) + k_rope
+    case = make_case(num_heads=8, num_kv=1, key_dims=(64, 8), v_dim=64, formats={"k_sem": fmt, "k_geo": "q8_0"},
+                     lengths=(41, 9), tail=2 if fmt != "fp32" else 0, seed=11, device=DEVICE, value_alias=True)
+    assert case["value"] is case["keys"][0]
+    check(case, num_splits=2, block_n=16)
+
+
+def test_mla_latent_512_wide():
+    case = make_case(num_heads=4, num_kv=1, key_dims=(512, 64), v_dim=512, formats={"k_sem": "q8_0", "k_geo": "q8_0"},
+                     lengths=(20,), seed=12, device=DEVICE, value_alias=True)
+    check(case, num_splits=1, block_n=16)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+def test_gpu_mla_deepseek_shape(fmt):
+    # DeepSeek-V2 per layer: latent 512, RoPE key 64, 16 or 32 heads, bf16 queries
+    for heads in (16, 32):
+        case = make_case(num_heads=heads, num_kv=1, key_dims=(512, 64), v_dim=512,
+                         formats={"k_sem": fmt, "k_geo": fmt}, lengths=(3000, 777), seed=heads, device=DEVICE,
+                         dtype=torch.bfloat16, value_alias=True)
+        check(case, tol=LOW_TOL)
+
+
 def test_output_into_a_caller_buffer_leaves_the_plan_buffer_alone():
     # what the torch.compile custom op uses: an op's output must not be the plan's reused buffer
     case = make_case(num_heads=4, num_kv=2, key_dims=(8, 16), v_dim=24,
@@ -183,7 +209,7 @@ def test_unsupported_reasons():
     assert "dtype" in dk.unsupported_reason([k], v, q_dtype=torch.float64, num_heads=4)
     assert "multiple" in dk.unsupported_reason([k], v, q_dtype=torch.float16, num_heads=3)
     assert "format" in dk.unsupported_reason([dk.FieldSpec("k", "q5_1", 2, 16)], v, q_dtype=torch.float16, num_heads=4)
-    assert "head dim" in dk.unsupported_reason([dk.FieldSpec("k", "fp16", 2, 512)], v, q_dtype=torch.float16,
+    assert "head dim" in dk.unsupported_reason([dk.FieldSpec("k", "fp16", 2, 513)], v, q_dtype=torch.float16,
                                                num_heads=4)
     assert "key field" in dk.unsupported_reason([], v, q_dtype=torch.float16, num_heads=4)
     with pytest.raises(ValueError):

@@ -16,6 +16,8 @@ CASES = {
     "gqa": ({"type": "standard", "num_heads": 4, "num_kv_heads": 2}, "k=q4_0,v=q8_0,tail=3"),
     "dba_null_gate": ({"type": "decoupled", "num_heads": 4, "num_kv_heads": 2, "sem_dim": 16, "geo_dim": 32,
                        "v_dim": 48, "null_token": True, "gate": True}, "k_sem=q4_0,k_geo=q8_0,v=q4_0"),
+    "mla": ({"type": "mla", "num_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+             "v_head_dim": 12}, "c_kv=q4_0,k_rope=q8_0,tail=2"),
 }
 
 

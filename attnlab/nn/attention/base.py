@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from attnlab.config.attention import AttentionDims
-from attnlab.nn.attention.functional import default_scales, eager_attention, fused_causal_attention
+from attnlab.nn.attention.backends import CAUSAL, attend
+from attnlab.nn.attention.functional import MaskSpec, default_scales
 from attnlab.nn.context import ForwardContext
 
 
@@ -24,10 +25,17 @@ class Projected:
 
 class AttentionLayer(nn.Module):
     """Base of every variant. Subclasses define the projections (``project``) and may own a null
-    token (``null_keys``/``null_value``); scoring, masking and the output projection live here."""
+    token (``null_keys``/``null_value``); scoring, masking and the output projection live here.
+
+    ``dims`` is the layer's cache spec (what a cached forward stores and scores over). A variant
+    whose cached form differs from its training form (MLA's absorbed decode: the cache holds a
+    shared latent, not per-head keys) overrides ``project_cached`` (queries/fields in the cached
+    form, aligned with ``dims``) and ``values_from_cache`` (attention output in the cached
+    form -> per-head values for ``out``)."""
 
     dims: AttentionDims
     out: nn.Linear
+    mask: MaskSpec = CAUSAL  # which keys a query may read in training/prefill (a variant may narrow it)
 
     def __init__(self, dims: AttentionDims, layer_index: int, dropout: float):
         super().__init__()
@@ -44,6 +52,15 @@ class AttentionLayer(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
         raise NotImplementedError  # abstract: every variant defines its projections
 
+    def project_cached(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
+        """Queries and fields as the cache stores them (default: the training projections)."""
+        return self.project(x, positions)
+
+    def values_from_cache(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, dims.v_head_dim) attention output of a cached forward -> the per-head
+        values ``out`` takes (default: unchanged)."""
+        return y
+
     def null_kv(self) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
         if not self.dims.null_token:
             return None, None
@@ -51,15 +68,15 @@ class AttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         batch, t_len, _ = x.shape
-        p = self.project(x, ctx.positions)
         null_k, null_v = self.null_kv()
         if ctx.cache is not None:
-            y = self._attend_cached(p, ctx, null_k, null_v)
-        elif ctx.attention_impl == "eager":
-            y = eager_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v)
-        else:
-            y = fused_causal_attention(p.q, p.k, p.v, self.scales, null_k=null_k, null_v=null_v,
-                                       dropout_p=self.dropout if self.training else 0.0)
+            p = self.project_cached(x, ctx.positions)
+            y = self.values_from_cache(self._attend_cached(p, ctx, null_k, null_v))
+            return self.out(y.transpose(1, 2).reshape(batch, t_len, -1))
+        p = self.project(x, ctx.positions)
+        # the backend follows from the mask and the device (backends.select_backend)
+        y = attend(p.q, p.k, p.v, self.scales, mask=self.mask, impl=ctx.attention_impl, null_k=null_k,
+                   null_v=null_v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, t_len, -1)  # (B, T, H * d_v)
         return self.out(y)
 
@@ -69,7 +86,7 @@ class AttentionLayer(nn.Module):
         from attnlab.kernels import cached_attention, write_cache  # local: model code stays importable without caches
 
         fields = {f.name: k for f, k in zip(self.dims.key_fields, p.k)}
-        fields["v"] = p.v
+        fields["v"] = p.v  # an aliased value (dims.value_alias) is that key field: not stored twice
         if torch.compiler.is_compiling():  # an opaque op: torch.compile fuses around it
             from attnlab.kernels.ops import cached_layer_attention
 
