@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="validate a manifest; --print-plan shows params, FLOPs and KV bytes per run",
-                       description="Validate a manifest without building tensors. With --print-plan, print every "
-                                   "run's parameter count, FLOPs/token and KV-cache bytes/token per layer and format.")
+                       description="Validate a manifest without building tensors, and check that every run's "
+                                   "data.path exists. With --print-plan, print every run's parameter count, "
+                                   "FLOPs/token and KV-cache bytes/token per layer and format (a missing "
+                                   "data.path is then a warning).")
     _add_manifest_args(p)
     p.add_argument("--print-plan", action="store_true", help="print the per-run table")
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue existing runs")
+    p.add_argument("--rebench", action="store_true",
+                   help="measure every declared benchmark again (default: only those whose record is missing "
+                        "or stale: settings changed or checkpoint newer)")
 
     p = sub.add_parser("train", help="train one run of a manifest",
                        description="Train a single run of a manifest, selected with --run ID or GROUP/ID "
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate a report folder from run folders (nothing re-measured)",
                        description="Write report.json, CSVs, LaTeX tables, PNG plots and report.md from "
                                    "finished run folders and their saved benchmark records.")
-    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="run folders, or group folders (<out_dir>/<name>/<group>: their run folders)")
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--title", default="attnlab report")
 
@@ -116,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize inputs into a memory-mappable .npy token file (+ JSON sidecar).")
     p.add_argument("inputs", nargs="+", type=Path, help="text files, folders or .jsonl files")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .npy path")
-    p.add_argument("--tokenizer", choices=["byte", "gpt2"], default="gpt2")
-    p.add_argument("--tokenizer-path", help="local .tiktoken file for gpt2 (offline)")
+    p.add_argument("--tokenizer", choices=["byte", "gpt2"], default="byte",
+                   help="byte (default, as in manifests) or gpt2")
+    p.add_argument("--tokenizer-path", metavar="FILE",
+                   help="local .tiktoken file for gpt2 (offline; without it tiktoken's cache or the network)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--max-tokens", type=int, default=None)
     return parser
@@ -125,13 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- commands
 def cmd_compile(args, command: str) -> int:
-    from attnlab.manifest import load_plan
+    from attnlab.errors import ConfigError
+    from attnlab.manifest import check_data_paths, load_plan
     from attnlab.summary import format_plan
 
     plan = load_plan(args.manifest, args.overrides, group=args.group)
-    if args.print_plan:
+    if args.print_plan:  # the plan of a preset whose data is not prepared yet is still worth seeing
         print(format_plan(plan))
+        try:
+            check_data_paths(plan)
+        except ConfigError as err:
+            print(f"attnlab compile: warning: {err}", file=sys.stderr)
     else:
+        check_data_paths(plan)
         print(f"ok: {args.manifest}: {len(plan.runs)} run(s) valid: " + ", ".join(r.key for r in plan.runs))
     return 0
 
@@ -147,7 +161,7 @@ def cmd_run(args, command: str) -> int:
         print(format_plan(plan))
         print("\ndry run: nothing written")
         return 0
-    results = execute_plan(plan, command, resume=not args.no_resume)
+    results = execute_plan(plan, command, resume=not args.no_resume, rebench=args.rebench)
     if dist_env().rank == 0:
         print()
         print(format_results(results, plan))
@@ -245,12 +259,26 @@ def cmd_sample(args, command: str) -> int:
         new = res.tokens[0]
     if text_mode:
         shown = new[:-1] if new and new[-1] == eot else new  # the end-of-text marker is not text
-        print(tokenizer.decode(prompt) + tokenizer.decode(shown))
+        text = tokenizer.decode(prompt) + tokenizer.decode(shown)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")  # the stats start on their own line
     else:  # ids in, ids out
         print(" ".join(str(t) for t in prompt + new))
     sys.stdout.flush()
-    print(res.stats.summary(policy.label), file=sys.stderr)
+    print(res.stats.summary(_policy_label(policy, model)), file=sys.stderr)
     return 0
+
+
+def _policy_label(policy, model) -> str:
+    """The cache policy as the stats line shows it, naming what "native" is for this model:
+    ``native = fp32``, or ``k_sem=q4_0; native = bf16`` when some fields keep the native dtype."""
+    from attnlab.cache.policy import native_format
+    from attnlab.config.variants import stored_fields
+
+    param = next(iter(model.parameters()), None)
+    native = native_format(param.dtype) if param is not None else "fp32"
+    if policy.default or stored_fields(model.config.layer_dims()) <= set(policy.formats):
+        return policy.label  # no field keeps the native dtype
+    return f"native = {native}" if policy.label == "native" else f"{policy.label}; native = {native}"
 
 
 def cmd_prepare(args, command: str) -> int:
@@ -258,10 +286,12 @@ def cmd_prepare(args, command: str) -> int:
     from attnlab.data import prepare
     from attnlab.progress import byte_progress
 
+    if args.tokenizer_path is not None and args.tokenizer != "gpt2":
+        raise AttnlabError("--tokenizer-path is a gpt2 ranks file; add --tokenizer gpt2")
     tok = TokenizerConfig(type=args.tokenizer, path=args.tokenizer_path)
     with byte_progress("tokenizing") as progress:
         stats = prepare(list(args.inputs), args.output, tok, text_field=args.text_field,
-                        max_tokens=args.max_tokens, progress=progress)
+                        max_tokens=args.max_tokens, progress=progress, tokenizer_key="--tokenizer-path")
     print(f"wrote {stats.output}: {stats.num_tokens:,} tokens ({stats.dtype}) from {stats.num_documents} "
           f"document(s) in {stats.seconds:.1f}s")
     return 0
@@ -308,6 +338,19 @@ def _print_record(record) -> None:
     print(format_table(cols, [[fmt(r.get(c)) for c in cols] for r in record.rows]))
 
 
+def _print_group_records(plan, group: str) -> None:
+    """The result table of each declared benchmark of ``group``, per run (its primary record,
+    ``<run_dir>/bench/<name>.json``)."""
+    from attnlab.bench.suite import saved_records
+
+    for run in plan.group_runs(group):
+        for cfg in plan.benchmarks.get(group, []):
+            primary = Path(run.run_dir) / "bench" / f"{cfg.name}.json"
+            for path, record in saved_records(primary.parent, cfg.name):
+                if path == primary:
+                    _print_record(record)
+
+
 def cmd_bench(args, command: str) -> int:
     from attnlab.bench.suite import Target, run_benchmarks
 
@@ -327,6 +370,7 @@ def cmd_bench(args, command: str) -> int:
             if missing:
                 raise AttnlabError(f"runs not trained yet: {', '.join(missing)}; run `attnlab run {args.target}` first")
             benchmark_and_report(plan, group, command)
+            _print_group_records(plan, group)
         return 0
     if args.overrides:
         raise AttnlabError("key=value overrides apply to manifest targets only")
@@ -344,8 +388,9 @@ def cmd_bench(args, command: str) -> int:
 
 def cmd_report(args, command: str) -> int:
     from attnlab.report import write_report
+    from attnlab.report.collect import expand_run_dirs
 
-    files = write_report(args.runs, args.out, title=args.title, command=command)
+    files = write_report(expand_run_dirs(args.runs), args.out, title=args.title, command=command)
     print(f"wrote {files.markdown}: {len(files.tables)} LaTeX tables, {len(files.csv)} CSV files, "
           f"{len(files.plots)} plots ({', '.join(p.name for p in files.plots.values())})")
     return 0
@@ -365,6 +410,8 @@ def cmd_export(args, command: str) -> int:
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample,
             "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare}
 
+COMPUTE_COMMANDS = frozenset({"run", "train", "sample", "bench"})
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -378,12 +425,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     command = "attnlab " + shlex.join(argv)
     try:
+        if args.command in COMPUTE_COMMANDS:
+            from attnlab.train.loop import configure_threads
+
+            configure_threads()  # threads = the CPUs available, unless OMP_NUM_THREADS says otherwise
         return COMMANDS[args.command](args, command)
     except AttnlabError as err:
         print(f"attnlab {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"attnlab {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # training saves last.pt first and says so (TrainingInterrupted)
+        print(f"attnlab {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

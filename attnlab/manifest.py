@@ -38,8 +38,8 @@ from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
 
 __all__ = [
-    "Plan", "ResolvedRun", "apply_overrides", "deep_merge", "load_plan", "load_plan_from_dict",
-    "parse_override", "parse_yaml",
+    "Plan", "ResolvedRun", "apply_overrides", "check_data_paths", "deep_merge", "load_plan",
+    "load_plan_from_dict", "parse_override", "parse_yaml", "resolve_data_path",
 ]
 
 PRE_OVERRIDE_ROOTS = ("vars", "defaults")  # applied before ${vars} resolution
@@ -587,7 +587,7 @@ def load_plan(path: str | Path, overrides: Sequence[str] = (), group: str | None
     path = Path(path)
     shown = str(path)
     tree = _load_file(path, shown, ())
-    return _build_plan(tree, overrides, group, path.absolute())
+    return _build_plan(tree, overrides, group, path.absolute(), path.absolute().parent)
 
 
 def load_plan_from_dict(data: dict, base_dir: str | Path, overrides: Sequence[str] = (),
@@ -599,10 +599,11 @@ def load_plan_from_dict(data: dict, base_dir: str | Path, overrides: Sequence[st
     tree = _check_top(copy.deepcopy(data), shown)
     chain: _Chain = ((source.resolve(), shown),) if source is not None else ()
     tree = _expand_extends(tree, Path(base_dir), chain, shown)
-    return _build_plan(tree, overrides, group, source)
+    return _build_plan(tree, overrides, group, source, Path(base_dir).absolute())
 
 
-def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source: Path | None) -> Plan:
+def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source: Path | None,
+                base_dir: Path | None = None) -> Plan:
     pre, post = _split_overrides(overrides)
     for key in PRE_OVERRIDE_ROOTS:
         if tree.get(key) is None:
@@ -623,7 +624,9 @@ def _build_plan(tree: dict, overrides: Sequence[str], group: str | None, source:
         out_root = Path.cwd() / out_root
 
     context = {"limits": spec.defaults.limits}
-    runs = [run for gi in range(len(spec.groups)) for run in _resolve_group(spec, gi, post, out_root, context)]
+    base_dir = base_dir if base_dir is not None else Path.cwd()
+    runs = [run for gi in range(len(spec.groups))
+            for run in _resolve_group(spec, gi, post, out_root, context, base_dir)]
     benchmarks = {}
     for gi, g in enumerate(spec.groups):
         where = f"groups[{gi}]({g.name}).benchmarks"
@@ -747,14 +750,48 @@ def _student_config(teacher: ModelConfig, surgery: SurgeryConfig, where: str) ->
     return student
 
 
+def resolve_data_path(value: Any, base_dir: Path) -> Any:
+    """A manifest's ``data.path``: ``~`` expanded; a relative path joined to ``base_dir`` (the
+    manifest's folder, as for ``extends``). Transition: when only the working-directory reading
+    exists, that one is used, with a one-line warning."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    resolved = Path(os.path.normpath(base_dir / path))
+    old = Path(os.path.normpath(Path.cwd() / path))
+    if not resolved.exists() and old.exists() and old != resolved:
+        import sys
+
+        print(f"warning: data.path {value!r} is resolved relative to the manifest ({base_dir}) and is not "
+              f"there; using {old} (relative to the working directory) for now: write it relative to the "
+              "manifest", file=sys.stderr, flush=True)
+        return str(old)
+    return str(resolved)
+
+
+def check_data_paths(plan: Plan) -> None:
+    """``ConfigError`` (one line, naming the key and the resolved path) for the first run whose
+    ``data.path`` (sources ``tokens``/``text``) does not exist."""
+    for run in plan.runs:
+        if run.data.source in ("tokens", "text") and run.data.path and not Path(run.data.path).exists():
+            raise ConfigError(f"groups({run.group}).runs({run.run_id}).data.path",
+                              f"{run.data.path} does not exist (a relative data.path resolves against "
+                              f"the manifest's folder); prepare it with `attnlab prepare` or fix the path",
+                              show_value=False)
+
+
 def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: Path,
-                   context: dict | None = None) -> list[ResolvedRun]:
+                   context: dict | None = None, base_dir: Path | None = None) -> list[ResolvedRun]:
     group = spec.groups[gi]
     out = []
     earlier: dict[str, ModelConfig] = {}
     for ri, run in enumerate(group.runs):
         prefix = f"groups[{gi}]({group.name}).runs[{ri}]({run.id})"
         sections = {s: deep_merge(getattr(spec, s), getattr(run, s)) for s in SECTIONS}
+        if isinstance(sections.get("data"), dict) and "path" in sections["data"]:  # overrides: cwd-relative
+            sections["data"]["path"] = resolve_data_path(sections["data"]["path"], base_dir or Path.cwd())
         sections = _apply_parsed(sections, post)
         model, train, surgery, distill = _resolve_mode(run, sections, prefix, earlier, context)
         data = validate_section(DataConfig, sections["data"], f"{prefix}.data")

@@ -1,7 +1,8 @@
 """Training progress display: a rich progress bar on a terminal, plain log lines otherwise.
 
-Plain lines look like ``step 120/400 | loss 3.21 | 18.2k tok/s | eta 1m02s``. Only the main
-rank prints; other ranks construct a disabled instance.
+Plain lines look like ``step 120/400 | loss 3.21 | 18.2k tok/s | eta 1m02s``: tok/s and the ETA
+come from the same window (the steps since the previous log line), so a machine that slows down
+shows it in both. Only the main rank prints; other ranks construct a disabled instance.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def format_duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def eta_seconds(remaining_steps: int, window_steps: int, window_seconds: float) -> float | None:
+    """Seconds left at the recent pace: ``remaining_steps`` at ``window_seconds / window_steps``
+    per step (the window of the printed tok/s). None when the window is empty."""
+    if window_steps <= 0 or window_seconds <= 0 or not math.isfinite(window_seconds):
+        return None
+    return max(remaining_steps, 0) * window_seconds / window_steps
 
 
 class Progress:

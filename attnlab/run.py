@@ -128,9 +128,11 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
         train_tokens_per_s=tokens_per_s, steps=state.step, best_val_loss=state.best_val_loss)
 
 
-def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResult]:
+def execute_plan(plan: "Plan", command: str = "", *, rebench: bool = False, **kwargs: Any) -> list[RunResult]:
     """``execute_run`` for every run of ``plan`` in order, in one process group; data shared
-    by several runs is loaded once."""
+    by several runs is loaded once. Then each group's declared benchmarks run where their record
+    is missing or stale (settings changed, checkpoint newer; all of them with ``rebench``) and
+    the group reports are written."""
     if not plan.runs:
         return []
     check_plan_paths(plan)  # before anything is written
@@ -153,7 +155,7 @@ def execute_plan(plan: "Plan", command: str = "", **kwargs: Any) -> list[RunResu
                 return results  # stopped early (stop_after): later runs may depend on this one
     if dist_env().rank == 0:
         for group in dict.fromkeys(run.group for run in plan.runs):
-            benchmark_and_report(plan, group, command)
+            benchmark_and_report(plan, group, command, rebench=rebench)
     return results
 
 
@@ -162,9 +164,12 @@ def group_report_dir(plan: "Plan", group: str) -> Path:
     return Path(plan.group_runs(group)[0].run_dir).parent / "report"
 
 
-def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_benchmarks_first: bool = True) -> Path:
+def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_benchmarks_first: bool = True,
+                         rebench: bool = True) -> Path:
     """Run the group's declared benchmarks on each of its runs (records saved in
-    ``<run_dir>/bench/``), then write the group's report folder. Returns the folder."""
+    ``<run_dir>/bench/`` as the primary record of their name), then write the group's report
+    folder. Without ``rebench``, only benchmarks whose record is missing or stale run
+    (``bench.suite.stale_reason``). Returns the folder."""
     check_plan_paths(plan)
     runs = plan.group_runs(group)
     siblings = {r.run_id: Path(r.run_dir) for r in runs}
@@ -172,7 +177,7 @@ def benchmark_and_report(plan: "Plan", group: str, command: str = "", *, run_ben
         for run in runs:
             target = Target(run.run_dir, key=run.key, siblings=siblings)
             run_benchmarks(plan.benchmarks.get(group, []), target, command,  # locks the run folder
-                           progress=lambda m: print(m, flush=True))
+                           progress=lambda m: print(m, flush=True), only_stale=not rebench, primary=True)
     folder = group_report_dir(plan, group)
     files = write_report([r.run_dir for r in runs], folder, title=f"{plan.name} / {group}", command=command)
     print(f"report: {files.markdown} ({len(files.plots)} plots, {len(files.tables)} LaTeX tables)", flush=True)

@@ -9,7 +9,7 @@ A run folder ``<out_dir>/<manifest name>/<group>/<run id>/`` holds::
                            model-only ones (``save_model``)
     heldout.json           runs whose data was prepared at run time (teacher samples): where the
                            held-out tokens are, ``{"path", "val_start", "align"}``
-    surgery.json, verify.json, bench/<name>.json, previous/<time>/ (an earlier attempt), .lock
+    surgery.json, verify.json, bench/<name>.json (a record with other settings beside it as bench/<name>.<hash8>.json), previous/<time>/ (an earlier attempt), .lock
 
 Prepared token files are shared by the runs of a manifest: ``data.cache_dir``, else
 ``<out_dir>/<manifest name>/.data``.

@@ -171,9 +171,26 @@ def test_sample_with_cache_policy_prints_stats_to_stderr(sample_runs, capsys):
 def test_sample_uses_the_runs_cache_section_unless_overridden(sample_runs, capsys):
     argv = ["--ckpt", sample_runs["with_cache"], "--prompt-ids", "1 2", "--max-new-tokens", 3]
     code, _, err = _sample(capsys, *argv)
-    assert code == 0 and "KV cache (k_sem=q4_0,tail=4)" in err
+    assert code == 0 and "KV cache (k_sem=q4_0,tail=4; native = fp32)" in err  # k_geo and v stay native
     code, _, err = _sample(capsys, *argv, "--cache-policy", "nf4")
     assert code == 0 and "KV cache (nf4)" in err
+
+
+def test_sample_names_the_native_dtype_and_ends_the_text_with_a_newline(sample_runs, capsys):
+    import torch
+
+    from attnlab.api import load
+    from attnlab.cache import CachePolicy
+    from attnlab.cli import _policy_label
+
+    code, out, err = _sample(capsys, "--ckpt", sample_runs["target"], "--prompt", "ab", "--max-new-tokens", 4,
+                             "--temperature", 0)
+    assert code == 0 and out.startswith("ab") and out.endswith("\n") and not out.endswith("\n\n")
+    assert err.startswith("prefill ") and "KV cache (native = fp32):" in err
+    model = load(sample_runs["target"]).to(dtype=torch.bfloat16)
+    assert _policy_label(CachePolicy.parse(None), model) == "native = bf16"
+    assert _policy_label(CachePolicy.parse("q8_0"), model) == "q8_0"
+    assert _policy_label(CachePolicy.parse("k_sem=q4_0"), model) == "k_sem=q4_0; native = bf16"
 
 
 def test_sample_with_a_draft_model_reports_acceptance(sample_runs, capsys):
@@ -219,3 +236,88 @@ def test_sample_user_errors_are_one_line(sample_runs, capsys, extra, needle):
     prompt = [] if "--prompt" in extra else ["--prompt-ids", "1 2"]
     code, _, err = _sample(capsys, "--ckpt", sample_runs["target"], *prompt, "--max-new-tokens", 2, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- prepare defaults, data.path checks
+def test_prepare_defaults_to_bytes_like_manifests(tmp_path, capsys):
+    import json
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 50)
+    out = tmp_path / "tokens.npy"
+    assert main(["prepare", str(src), "-o", str(out)]) == 0
+    assert "600 tokens" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["tokenizer"]["type"] == "byte"
+    assert main(["prepare", str(src), "-o", str(tmp_path / "x.npy"), "--tokenizer-path", "g.tiktoken"]) == 2
+    assert "--tokenizer gpt2" in capsys.readouterr().err
+
+
+def test_prepare_offline_error_names_the_flag_and_is_not_cut(tmp_path, capsys, monkeypatch):
+    import tiktoken
+
+    from attnlab.data import tokenizers as tk
+
+    message = ("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries "
+               "exceeded with url: /gpt-2/encodings/main/vocab.bpe (Caused by NameResolutionError: "
+               "Failed to resolve 'openaipublic.blob.core.windows.net')")
+
+    def offline(name):
+        raise ConnectionError(message)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    tk._build.cache_clear()
+    src = tmp_path / "a.txt"
+    src.write_text("hello\n")
+    try:
+        assert main(["prepare", str(src), "-o", str(tmp_path / "t.npy"), "--tokenizer", "gpt2"]) == 2
+    finally:
+        tk._build.cache_clear()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "--tokenizer-path FILE" in err and "tokenizer.path" not in err
+    reason = err.split("ConnectionError: ")[1].split(");")[0]
+    assert reason.endswith("...")
+    kept = reason[:-3].split()
+    assert kept and " ".join(kept) == " ".join(message.split()[:len(kept)])  # whole words only
+    missing = tmp_path / "nope.tiktoken"
+    assert main(["prepare", str(src), "-o", str(tmp_path / "t.npy"), "--tokenizer", "gpt2",
+                 "--tokenizer-path", str(missing)]) == 2
+    assert "--tokenizer-path" in capsys.readouterr().err
+
+
+def test_compile_checks_data_path_relative_to_the_manifest(tmp_path, capsys, monkeypatch):
+    manifest = _tiny_manifest(tmp_path)
+    tree = yaml.safe_load(manifest.read_text())
+    sub = tmp_path / "cfg"
+    (sub / "data").mkdir(parents=True)
+    (sub / "data" / "corpus.txt").write_text("abc " * 100)
+    tree["data"]["path"] = "data/corpus.txt"
+    (sub / "m.yml").write_text(yaml.safe_dump(tree))
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    assert main(["compile", str(sub / "m.yml")]) == 0
+    capsys.readouterr()
+    tree["data"]["path"] = "data/missing.txt"
+    (sub / "m.yml").write_text(yaml.safe_dump(tree))
+    assert main(["compile", str(sub / "m.yml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "groups(g).runs(base).data.path" in err and str(sub / "data" / "missing.txt") in err
+    assert main(["compile", str(sub / "m.yml"), "--print-plan"]) == 0  # the plan, with a warning
+    captured = capsys.readouterr()
+    assert "params" in captured.out and "warning" in captured.err
+
+
+def test_bench_on_a_manifest_prints_its_result_tables(tmp_path, capsys):
+    manifest = _tiny_manifest(tmp_path, steps=2)
+    tree = yaml.safe_load(manifest.read_text())
+    tree["groups"][0]["runs"] = tree["groups"][0]["runs"][:1]
+    tree["groups"][0]["benchmarks"] = [{"type": "perplexity", "windows": 1, "policies": ["fp16", "q8_0"]}]
+    manifest.write_text(yaml.safe_dump(tree))
+    assert main(["run", str(manifest)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out
+    assert "g/base - perplexity" in out or "base - perplexity" in out
+    table = out[out.index("- perplexity"):]
+    assert "fp16" in table and "q8_0" in table

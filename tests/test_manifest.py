@@ -436,3 +436,60 @@ def test_docs_examples_are_valid():
     for block in full:
         p = plan(parse_yaml(block, "docs"))
         assert p.runs
+
+
+def test_data_path_resolves_relative_to_the_manifest(tmp_path, monkeypatch, capsys):
+    import os
+
+    from attnlab.manifest import check_data_paths, load_plan
+
+    sub = tmp_path / "configs"
+    (sub / "data").mkdir(parents=True)
+    (sub / "data" / "c.txt").write_text("x" * 100)
+    (sub / "base.yml").write_text("data: {source: text, path: data/c.txt, tokenizer: {type: byte}}\n")
+    (sub / "m.yml").write_text(
+        "version: 1\nname: t\nextends: base.yml\n"
+        "model: {vocab_size: 256, d_model: 32, num_layers: 1, block_size: 16,\n"
+        "        attention: {type: standard, num_heads: 4}}\n"
+        "train: {steps: 2, batch_size: 2}\n"
+        "groups: [{name: g, runs: [{id: a}, {id: b, data: {path: ./data/../data/c.txt}}]}]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plan = load_plan(sub / "m.yml")
+    assert [r.data.path for r in plan.runs] == [str(sub / "data" / "c.txt")] * 2
+    check_data_paths(plan)
+    # a command-line override is relative to the working directory
+    (elsewhere / "o.txt").write_text("y" * 100)
+    plan = load_plan(sub / "m.yml", ["data.path=o.txt"])
+    assert os.path.abspath(plan.runs[0].data.path) == str(elsewhere / "o.txt")
+    # absolute and ~ paths are kept
+    plan = load_plan(sub / "m.yml", [f"data.path={sub / 'data' / 'c.txt'}"])
+    assert plan.runs[0].data.path == str(sub / "data" / "c.txt")
+
+
+def test_data_path_missing_is_one_line_naming_key_and_resolved_path(tmp_path):
+    from attnlab.errors import ConfigError
+    from attnlab.manifest import check_data_paths, load_plan
+
+    (tmp_path / "m.yml").write_text(
+        "version: 1\nname: t\ndata: {source: tokens, path: tok/x.npy}\n"
+        "model: {vocab_size: 256, d_model: 32, num_layers: 1, block_size: 16,\n"
+        "        attention: {type: standard, num_heads: 4}}\n"
+        "train: {steps: 2, batch_size: 2}\ngroups: [{name: g, runs: [{id: a}]}]\n")
+    plan = load_plan(tmp_path / "m.yml")
+    with pytest.raises(ConfigError) as info:
+        check_data_paths(plan)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("groups(g).runs(a).data.path: ")
+    assert str(tmp_path / "tok" / "x.npy") in msg and "manifest" in msg
+
+
+def test_data_path_cwd_fallback_warns(tmp_path, monkeypatch, capsys):
+    from attnlab.manifest import resolve_data_path
+
+    (tmp_path / "only_here.txt").write_text("z")
+    monkeypatch.chdir(tmp_path)
+    out = resolve_data_path("only_here.txt", tmp_path / "cfg")
+    assert out == str(tmp_path / "only_here.txt") and "relative to the working directory" in capsys.readouterr().err
+    assert resolve_data_path("nope.txt", tmp_path / "cfg") == str(tmp_path / "cfg" / "nope.txt")

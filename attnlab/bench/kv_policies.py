@@ -3,7 +3,7 @@ decode runtime's cache tensors) and held-out NLL through cached decode."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class PolicyRow:
     nll: float
     ppl: float
     delta_nll: float                 # vs the full forward
+    window_nll: list[float] = field(default_factory=list)  # per held-out window (report intervals)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +50,7 @@ def compare_policies(model, windows: torch.Tensor, policies: list[str], batch_si
         rows.append(PolicyRow(policy.label, report.bytes_per_token,
                               report.bytes_allocated / (report.batch * report.max_length),
                               report.slack_bytes, report.tail_bytes, result.nll, result.ppl,
-                              result.nll - reference.nll))
+                              result.nll - reference.nll, result.window_nll))
     return reference.nll, rows
 
 

@@ -6,7 +6,7 @@ possibly quantized — keys and values exactly as generation does). The measurem
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class NLLResult:
     nll: float           # mean nats per predicted token
     tokens: int
     windows: int
+    window_nll: list[float] = field(default_factory=list)  # mean nats per token of each window (intervals)
 
     @property
     def ppl(self) -> float:
@@ -47,13 +48,15 @@ def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int, align: int 
 @torch.no_grad()
 def forward_nll(model, windows: torch.Tensor, batch_size: int = 8) -> NLLResult:
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    per_window = []
     for i in range(0, len(windows), batch_size):
         w = windows[i: i + batch_size].to(device)
         logits = model(w[:, :-1]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        count += w[:, 1:].numel()
-    return NLLResult(total / count, count, len(windows))
+        per_window.append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").double().sum(1))
+    sums = torch.cat(per_window)
+    tokens_per_window = windows.shape[1] - 1
+    count = tokens_per_window * len(windows)
+    return NLLResult(sums.sum().item() / count, count, len(windows), (sums / tokens_per_window).tolist())
 
 
 @torch.no_grad()
@@ -64,7 +67,7 @@ def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | 
     ``policy`` sized to the window. Returns the last batch's runtime too (for byte accounting)."""
     device = next(model.parameters()).device
     length = windows.shape[1] - 1
-    total, count, runtime = torch.zeros((), dtype=torch.float64, device=device), 0, None
+    per_window, runtime = [], None
     for i in range(0, len(windows), batch_size):
         w = windows[i: i + batch_size].to(device)
         if runtime is None or runtime.batch != len(w):
@@ -73,9 +76,11 @@ def cached_decode_nll(model, windows: torch.Tensor, policy: CachePolicy | str | 
         else:
             runtime.reset()
         logits = runtime.forward(w[:, :prefill]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1: prefill + 1].flatten(), reduction="sum").double()
+        total = F.cross_entropy(logits.transpose(1, 2), w[:, 1: prefill + 1], reduction="none").double().sum(1)
         for t in range(prefill, length):
             # consumed before the next step (the step's logits buffer is reused)
-            total += F.cross_entropy(runtime.step(w[:, t]).float(), w[:, t + 1], reduction="sum").double()
-        count += w[:, 1:].numel()
-    return NLLResult(total.item() / count, count, len(windows)), runtime
+            total = total + F.cross_entropy(runtime.step(w[:, t]).float(), w[:, t + 1], reduction="none").double()
+        per_window.append(total)
+    sums = torch.cat(per_window)
+    count = length * len(windows)
+    return NLLResult(sums.sum().item() / count, count, len(windows), (sums / length).tolist()), runtime

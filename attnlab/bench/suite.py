@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import glob
 import importlib
+import json
 from pathlib import Path
 
 import torch
 
+from attnlab._version import __version__
 from attnlab.api import load
-from attnlab.bench.context import BenchContext, BenchRecord, bench_provenance
+from attnlab.bench.context import (BenchContext, BenchRecord, bench_provenance, bench_settings, context_settings,
+                                   describe_device)
 from attnlab.errors import AttnlabError, ConfigError
 from attnlab.fsutil import folder_lock
-from attnlab.paths import check_name
+from attnlab.paths import MAX_NAME_LENGTH, check_name
 from attnlab.runfolder import RunFolder, resolve_checkpoint
 
 #: benchmark type -> "module:function" (imported on use: import cost; no module here imports this one)
@@ -89,8 +93,56 @@ def run_benchmark(cfg, target: Target, command: str = "") -> BenchRecord:
                        command=command, heldout=heldout, tokenizer=target.tokenizer(),
                        cache_policy=target.cache_policy(), load_reference=target.reference_loader(device, dtype),
                        align=target.align)
+    config = cfg.model_dump(mode="json")
     rows = _runner(cfg.type)(cfg, ctx)
-    return BenchRecord(cfg.name, cfg.type, target.key, rows, bench_provenance(ctx, cfg.model_dump(mode="json")))
+    return BenchRecord(cfg.name, cfg.type, target.key, rows, bench_provenance(ctx, config),
+                       settings=context_settings(ctx, config))
+
+
+def planned_settings(cfg, target: Target) -> dict:
+    """The settings a record of ``cfg`` on ``target`` would have (``bench_settings``), known
+    before anything is loaded or measured."""
+    device, dtype = resolve_device_dtype(cfg)
+    return bench_settings(cfg.model_dump(mode="json"), str(device), describe_device(device), str(dtype),
+                          torch.get_num_threads(), target.cache_policy())
+
+
+def saved_records(bench_dir: Path, name: str) -> list[tuple[Path, BenchRecord]]:
+    """The readable records of benchmark ``name`` in ``bench_dir`` (``<name>.json`` first, then
+    the ones stored beside it with other settings, ``<name>.<hash8>.json``)."""
+    out = []
+    stem = glob.escape(name[:MAX_NAME_LENGTH - 9])  # see BenchRecord.hashed_path
+    paths = [bench_dir / f"{name}.json", *sorted(p for p in bench_dir.glob(f"{stem}*.json") if p.name != f"{name}.json")]
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            record = BenchRecord(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # unreadable: not a record to trust
+        if record.benchmark == name:
+            out.append((path, record))
+    return out
+
+
+def stale_reason(cfg, target: Target) -> str | None:
+    """Why ``cfg`` needs measuring on ``target``: no record, settings changed, the checkpoint is
+    newer than the record, or the record is from another attnlab version; None when a fresh
+    record exists."""
+    records = saved_records(target.run_dir / "bench", cfg.name)
+    if not records:
+        return "no record"
+    settings = planned_settings(cfg, target)
+    same = [(path, rec) for path, rec in records if rec.same_settings(settings)]
+    if not same:
+        return "settings changed"
+    checkpoint_mtime = target.checkpoint.stat().st_mtime
+    fresh = [(p, r) for p, r in same if p.stat().st_mtime >= checkpoint_mtime]
+    if not fresh:
+        return "checkpoint newer than the record"
+    if not any(r.meta.get("versions", {}).get("attnlab") == __version__ for _, r in fresh):
+        return "measured by another attnlab version"
+    return None
 
 
 def check_bench_names(benches: list, prefix: str = "benchmarks") -> None:
@@ -107,22 +159,33 @@ def check_bench_names(benches: list, prefix: str = "benchmarks") -> None:
 
 
 def run_benchmarks(benches: list, target: Target, command: str = "", *, save: bool = True,
-                   progress=print) -> list[BenchRecord]:
-    """Run ``benches`` on ``target``; with ``save``, each record goes to ``<run_dir>/bench/<name>.json``
-    while holding the run folder's lock (a run training there meanwhile is a one-line error)."""
+                   progress=print, only_stale: bool = False, primary: bool = False) -> list[BenchRecord]:
+    """Run ``benches`` on ``target``; with ``save``, each record goes to ``<run_dir>/bench/`` (see
+    ``BenchRecord.save``: beside, never over, a record with other settings; ``primary`` for the
+    manifest-declared benchmarks) while holding the run folder's lock (a run training there
+    meanwhile is a one-line error). With ``only_stale``, a benchmark whose fresh record exists
+    (``stale_reason``) is skipped. Returns the records measured."""
     check_bench_names(benches)
     if not save:
-        return _run_all(benches, target, command, save, progress)
+        return _run_all(benches, target, command, save, progress, only_stale, primary)
     with folder_lock(target.run_dir, f"run {target.key}"):
-        return _run_all(benches, target, command, save, progress)
+        return _run_all(benches, target, command, save, progress, only_stale, primary)
 
 
-def _run_all(benches: list, target: Target, command: str, save: bool, progress) -> list[BenchRecord]:
+def _run_all(benches: list, target: Target, command: str, save: bool, progress, only_stale: bool,
+             primary: bool) -> list[BenchRecord]:
     records = []
     for cfg in benches:
-        progress(f"bench {target.key}: {cfg.name} ...")
+        if only_stale:
+            reason = stale_reason(cfg, target)
+            if reason is None:
+                progress(f"bench {target.key}: {cfg.name}: up to date (--rebench measures again)")
+                continue
+            progress(f"bench {target.key}: {cfg.name} ({reason}) ...")
+        else:
+            progress(f"bench {target.key}: {cfg.name} ...")
         record = run_benchmark(cfg, target, command)
         if save:
-            record.save(target.run_dir / "bench")
+            record.save(target.run_dir / "bench", primary=primary)
         records.append(record)
     return records

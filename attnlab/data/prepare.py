@@ -179,6 +179,7 @@ def prepare(
     *,
     progress: ProgressFn | None = None,
     description: str | None = None,
+    tokenizer_key: str = "tokenizer.path",
 ) -> PrepareStats:
     """Tokenize ``inputs`` (files and folders) into ``output`` (``.npy``) and ``<name>.json``.
 
@@ -189,7 +190,8 @@ def prepare(
     files = collect_inputs(list(inputs))
     labels = [str(Path(p).expanduser().resolve()) for p in inputs]
     return prepare_files(files, output, tokenizer, text_field, max_tokens, val_fraction,
-                         progress=progress, description=description, inputs_label=labels)
+                         progress=progress, description=description, inputs_label=labels,
+                         tokenizer_key=tokenizer_key)
 
 
 def prepare_files(
@@ -204,9 +206,10 @@ def prepare_files(
     description: str | None = None,
     inputs_label: list[str] | None = None,
     extra: dict | None = None,
+    tokenizer_key: str = "tokenizer.path",
 ) -> PrepareStats:
     """:func:`prepare` for already collected inputs; ``extra`` entries are merged into the sidecar
-    (the loader stores its cache key there)."""
+    (the loader stores its cache key there). Tokenizer errors name ``tokenizer_key``."""
     output = Path(output).expanduser()
     if output.suffix != ".npy":
         raise DataError(f"prepare writes a .npy token file; got output {output}")
@@ -217,7 +220,7 @@ def prepare_files(
     if not files:
         raise DataError("empty corpus: no input files")
     labels = inputs_label if inputs_label is not None else [str(f.path) for f in files]
-    tok = build_tokenizer(tokenizer)
+    tok = build_tokenizer(tokenizer, key=tokenizer_key)
     dtype = output_dtype(tok.vocab_size)
     total_bytes = sum(f.size for f in files)
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 Every tokenizer satisfies the small :class:`Tokenizer` protocol. ``gpt2`` loads offline from a local
 ``.tiktoken`` file when ``TokenizerConfig.path`` is set (e.g. ``../shared/data/tokenizers/gpt2.tiktoken``);
 without a path it asks tiktoken, which reads its cache or downloads, and a failure becomes a
-one-line :class:`~attnlab.errors.DataError` that says how to work offline.
+one-line :class:`~attnlab.errors.DataError` that says how to work offline, naming the setting to
+use (``key``: ``tokenizer.path`` in a manifest, ``--tokenizer-path`` on ``attnlab prepare``).
 
 Text is encoded as plain text: ``"<|endoftext|>"`` inside a document is *not* the special token.
 """
@@ -93,13 +94,23 @@ class TiktokenTokenizer:
         return f"TiktokenTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
-def _gpt2_from_file(path: str):
+def _clip(text: str, limit: int = 160) -> str:
+    """The first line of ``text``, cut at a word boundary to at most ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
+
+
+def _gpt2_from_file(path: str, key: str = "tokenizer.path"):
     import tiktoken
     import tiktoken.load
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"tokenizer file not found: {file} (tokenizer.path of type gpt2)")
+        raise DataError(f"tokenizer file not found: {file} ({key} of type gpt2)")
     try:
         ranks = tiktoken.load.load_tiktoken_bpe(str(file))
     except Exception as err:  # malformed lines, undecodable base64, ...
@@ -116,27 +127,28 @@ def _gpt2_from_file(path: str):
     )
 
 
-def _gpt2_from_tiktoken():
+def _gpt2_from_tiktoken(key: str = "tokenizer.path"):
     import tiktoken
 
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # requests.ConnectionError, timeouts, blocked downloads, ...
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = f"{type(err).__name__}: {_clip(str(err))}" if str(err).strip() else type(err).__name__
+        setting = f"{key} FILE" if key.startswith("-") else f"{key} to a local .tiktoken file"
         raise DataError(
-            f"cannot load the GPT-2 tokenizer through tiktoken (no network or cache? {type(err).__name__}: "
-            f"{reason}); set tokenizer.path to a local .tiktoken file, e.g. {OFFLINE_HINT}"
+            f"cannot load the GPT-2 tokenizer through tiktoken (no network or cache? {reason}); "
+            f"set {setting}, e.g. {OFFLINE_HINT}"
         ) from None
 
 
 @functools.lru_cache(maxsize=8)
-def _build(kind: str, path: str | None) -> Tokenizer:
+def _build(kind: str, path: str | None, key: str = "tokenizer.path") -> Tokenizer:
     if kind == "byte":
         if path is not None:
-            raise DataError(f"tokenizer.path is only used by type gpt2, not byte (got {path!r})")
+            raise DataError(f"{key} is only used by type gpt2, not byte (got {path!r})")
         return ByteTokenizer()
     if kind == "gpt2":
-        encoding = _gpt2_from_file(path) if path is not None else _gpt2_from_tiktoken()
+        encoding = _gpt2_from_file(path, key) if path is not None else _gpt2_from_tiktoken(key)
         tok = TiktokenTokenizer(encoding, name="gpt2", eot_id=GPT2_EOT_ID)
         if tok.vocab_size != GPT2_VOCAB_SIZE or tok.encode("Hello world") != [15496, 995]:
             raise DataError(f"tokenizer from {path or 'tiktoken'} does not behave like GPT-2's BPE")
@@ -144,9 +156,10 @@ def _build(kind: str, path: str | None) -> Tokenizer:
     raise AssertionError(f"unhandled tokenizer type {kind!r}")  # the config's Literal forbids this
 
 
-def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
-    """Build (and memoize per process) the tokenizer described by ``cfg``."""
-    return _build(cfg.type, cfg.path)
+def build_tokenizer(cfg: TokenizerConfig, *, key: str = "tokenizer.path") -> Tokenizer:
+    """Build (and memoize per process) the tokenizer described by ``cfg``; errors name the path
+    setting as ``key`` (``--tokenizer-path`` from the CLI)."""
+    return _build(cfg.type, cfg.path, key)
 
 
 def encode_many(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:

@@ -12,11 +12,12 @@ from attnlab.errors import AttnlabError
 from attnlab.fsutil import atomic_write_text, write_error
 from attnlab.paths import check_name, safe_child
 from attnlab.report import plots
-from attnlab.report.collect import RunData, load_run
-from attnlab.report.tables import Table, benchmark_tables, summary_table
+from attnlab.report.collect import RunData, load_runs
+from attnlab.report.tables import Table, benchmark_tables, display_tables, summary_table
 
 
 RESERVED_TABLES = ("summary", "curves")  # the report's own tables (csv/<name>.csv)
+METRICS_DOC = "docs/metrics.md"  # in the attnlab repository: what every reported metric means
 
 
 @dataclass
@@ -37,7 +38,7 @@ def curves_table(runs: list[RunData]) -> Table:
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str = "attnlab report",
                  command: str = "") -> ReportFiles:
-    runs = [load_run(d) for d in run_dirs]
+    runs = load_runs(run_dirs)  # records of differing settings keyed apart (their own tables)
     folder = Path(out_dir)
     summary = summary_table(runs)
     benches = benchmark_tables(runs)
@@ -53,20 +54,28 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
     except OSError as err:
         raise write_error(folder, err, "cannot create report folder") from None
     files = ReportFiles(folder)
+    rendered = {table.name: display_tables(kind, table) for kind, table in all_tables}
+    tex_names = [view.name for views in rendered.values() for view in views]
+    if len(set(tex_names)) != len(tex_names):
+        taken = sorted({n for n in tex_names if tex_names.count(n) > 1})
+        raise AttnlabError(f"benchmark {taken[0]!r}: the name is taken by a split table of another "
+                           "benchmark; give the benchmark another id")
     for kind, table in all_tables:
         files.csv[table.name] = atomic_write_text(safe_child(folder / "csv", table.name, "benchmark", ".csv"),
                                                   table.to_csv())
-        files.tables[table.name] = atomic_write_text(safe_child(folder / "tables", table.name, "benchmark", ".tex"),
-                                                     table.to_latex(table.display_columns(kind)))
+        for view in rendered[table.name]:
+            files.tables[view.name] = atomic_write_text(
+                safe_child(folder / "tables", view.name, "benchmark", ".tex"), view.to_latex(view.columns))
     files.csv["curves"] = atomic_write_text(folder / "csv" / "curves.csv", curves_table(runs).to_csv())
 
     by_type = {kind: table for kind, table in benches.values()}
+    order = [r.key for r in runs]  # one colour + marker per run, in this order, in every figure
     drawn = {
         "loss_curves": plots.loss_curves(runs, folder / "loss_curves.png"),
         "latency_vs_context": plots.latency_vs_context(by_type.get("context_sweep"), by_type.get("latency"),
-                                                       folder / "latency_vs_context.png"),
-        "memory_vs_context": plots.memory_vs_context(by_type.get("memory"), folder / "memory_vs_context.png"),
-        "pareto": plots.pareto(by_type.get("perplexity"), folder / "pareto_ppl_vs_kv_bytes.png"),
+                                                       folder / "latency_vs_context.png", order),
+        "memory_vs_context": plots.memory_vs_context(by_type.get("memory"), folder / "memory_vs_context.png", order),
+        "pareto": plots.pareto(by_type.get("perplexity"), folder / "pareto_ppl_vs_kv_bytes.png", order),
     }
     files.plots = {k: v for k, v in drawn.items() if v is not None}
 
@@ -77,25 +86,50 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
         "tables": {t.name: t.rows for _, t in all_tables},
     }
     files.json = atomic_write_text(folder / "report.json", json.dumps(report, indent=2, default=str))
-    files.markdown = atomic_write_text(folder / "report.md", _markdown(title, command, runs, all_tables, files))
+    files.markdown = atomic_write_text(folder / "report.md", _markdown(title, command, runs, all_tables, rendered, files))
     return files
 
 
-def _markdown(title: str, command: str, runs: list[RunData], tables, files: ReportFiles) -> str:
+PLOT_HEADINGS = {"loss_curves": "Figure: loss curves", "latency_vs_context": "Figure: latency vs context",
+                 "memory_vs_context": "Figure: KV-cache memory vs context",
+                 "pareto": "Figure: perplexity vs KV-cache bytes per token"}
+PLOT_CAPTIONS = {
+    "loss_curves": "Training loss (logged batches, solid) and held-out loss of the training loop's evaluation "
+                   "(dashed, markers) by step; one colour and marker per run.",
+    "latency_vs_context": "Decode time per token and prefill time against prompt / context length; median with "
+                          "the p10-p90 band over repeats where the latency benchmark records them (the context "
+                          "sweep records one prefill and the median of its decode steps: no band).",
+    "memory_vs_context": "KV-cache bytes for one sequence against context: lines are the analytic estimate (line "
+                         "style = config; a config identical for every run is drawn once in grey), hollow "
+                         "markers the bytes the cache allocated where measured.",
+    "pareto": "Held-out perplexity (cached decode, perplexity benchmark) against analytic KV-cache bytes per "
+              "token, one point per run and policy; bars are bootstrap intervals over windows when per-window "
+              "NLLs are recorded.",
+}
+
+
+def _markdown(title: str, command: str, runs: list[RunData], tables, rendered, files: ReportFiles) -> str:
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Generated by `{command}` from the run folders below; every number comes from their "
                   "records (`report.json`, `csv/`).", ""]
+    lines += [f"What each metric means, how it is measured and how intervals are computed: `{METRICS_DOC}` "
+              "in the attnlab repository. The summary's held-out loss/perplexity (training eval) and the "
+              "perplexity benchmark's are measured on different windows and differ; see there.", ""]
     lines += ["## Runs", ""]
     for run in runs:
         env = run.env or {}
         devices = ", ".join(env.get("devices") or ["-"])
         lines.append(f"- `{run.key}` ({run.run_dir}): torch {env.get('torch', '-')}, trained on {devices}")
     for name, path in files.plots.items():
-        lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({path.name})"]
+        lines += ["", f"## {PLOT_HEADINGS.get(name, name.replace('_', ' '))}", "", f"![{name}]({path.name})", ""]
+        if name in PLOT_CAPTIONS:
+            lines.append(f"*Figure: {PLOT_CAPTIONS[name]}*")
     for kind, table in tables:
-        lines += ["", f"## {table.title}", ""]
-        lines.append(table.to_markdown(table.display_columns(kind)))
+        for i, view in enumerate(rendered[table.name]):
+            lines += ["", f"## {view.title}" if i == 0 else f"### {view.title}", ""]
+            lines.append(view.to_markdown(view.columns))
+            lines += ["", f"*Table: {view.caption or view.title}*"]
         provenance = _provenance_line(runs, table.name)
         if provenance:
             lines += ["", provenance]

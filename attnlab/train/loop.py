@@ -15,13 +15,23 @@ written; more than ``train.max_nonfinite_skips`` consecutive skips stop as above
 held-out loss never becomes ``best.pt`` (and stops the run in ``stop`` mode); a checkpoint whose
 tensors are not all finite is never written (``nan`` event with ``phase: checkpoint``, stop).
 Other events: ``repair`` (a torn ``train.jsonl`` tail was cut on resume), ``warning`` (e.g. a
-damaged ``last.pt`` replaced by ``best.pt`` as the resume point).
+damaged ``last.pt`` replaced by ``best.pt`` as the resume point), ``interrupt``.
+
+Ctrl-C: the first SIGINT (main thread) lets the current step finish, then ``last.pt`` is saved
+at that step (atomically, as every save) and ``TrainingInterrupted`` (a ``KeyboardInterrupt``
+with a one-line message; the CLI exits 130) is raised; a second Ctrl-C aborts at once. A
+``KeyboardInterrupt`` raised between or at the start of steps (no handler installed, e.g. off
+the main thread) saves the same way. Under DDP the ranks agree on the stopping step (the flag is
+all-reduced after every step). Resuming continues from the saved step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -32,7 +42,7 @@ import torch
 from torch import nn
 
 from attnlab.config.train import TrainConfig
-from attnlab.progress import Progress
+from attnlab.progress import Progress, eta_seconds
 from attnlab.train.checkpoint import first_nonfinite, save_checkpoint
 from attnlab.train.distributed import (DistInfo, ParallelModel, all_reduce_mean, apply_ddp,
                                        resolve_device)
@@ -47,11 +57,100 @@ from attnlab.train.step import Batch, NonFiniteError, StepStats, autocast_factor
 LAST, BEST, EVENTS = "last.pt", "best.pt", "train.jsonl"
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after ``last.pt`` was saved at ``step`` (one-line message)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _Abort(KeyboardInterrupt):
+    """The second Ctrl-C: stop now, save nothing."""
+
+
+class _InterruptFlag:
+    """While active (main thread only): the first SIGINT sets ``requested`` and says so; a
+    second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.requested, self._say, self._previous = False, say, None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise _Abort
+        self.requested = True
+        self._say("interrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> "_InterruptFlag":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+            except (ValueError, OSError):  # not installable here: a plain KeyboardInterrupt still saves
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class BatchSource(Protocol):
     """``attnlab.data.TrainBatches``: ``get(step, micro) -> (x, y)``, a pure function of its
     arguments (and the source's seed and rank), so a resumed run sees the same batches."""
 
     def get(self, step: int, micro: int) -> tuple[Any, Any]: ...
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_defaults(env: dict[str, str], available: int, load_1min: float | None) -> tuple[int | None, str | None]:
+    """``(intra-op threads to set or None, notice or None)``: the available CPUs shared by the
+    processes of this host (``LOCAL_WORLD_SIZE``), unless ``env`` names a thread count; a notice
+    when the 1-minute load average exceeds the available CPUs."""
+    threads = None
+    if not any(env.get(k) for k in THREAD_ENV):
+        try:
+            local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            local = 1
+        threads = max(1, available // local)
+    notice = None
+    if load_1min is not None and load_1min > available:
+        notice = (f"note: the 1-minute load average ({load_1min:.1f}) exceeds the {available} CPU(s) available; "
+                  "other processes share them, so throughput drops (OMP_NUM_THREADS=N sets attnlab's threads)")
+    return threads, notice
+
+
+def _load_1min() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def configure_threads() -> int:
+    """Apply ``thread_defaults`` to this process (the CLI calls it before computing); returns the
+    intra-op thread count in effect."""
+    threads, _ = thread_defaults(dict(os.environ), available_cpus(), None)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def load_notice() -> str | None:
+    """The one-line notice of ``thread_defaults`` for this machine now (None when not loaded)."""
+    return thread_defaults({}, available_cpus(), _load_1min())[1]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,20 +188,48 @@ class Trainer:
         target = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if state.step >= target:
             return state
-        with self._start():
-            while state.step < target:
-                stats = self._timed_step()
-                if stats.finite and state.step % cfg.log_every == 0:  # a skipped step has its own event
-                    self._log(stats)
-                improved = self._eval() if state.step % cfg.eval_every == 0 or state.step == cfg.steps else False
-                last = state.step % cfg.checkpoint_every == 0 or state.step == target
-                if last or improved:
-                    self._checkpoint(last=last, best=improved)
+        with self._start(), _InterruptFlag(self.progress.note) as interrupt:
+            try:
+                while state.step < target:
+                    stats = self._timed_step()
+                    if stats.finite and state.step % cfg.log_every == 0:  # a skipped step has its own event
+                        self._log(stats)
+                    improved = self._eval() if state.step % cfg.eval_every == 0 or state.step == cfg.steps else False
+                    last = state.step % cfg.checkpoint_every == 0 or state.step == target
+                    if last or improved:
+                        self._checkpoint(last=last, best=improved)
+                    if self._interrupt_requested(interrupt) and state.step < target:
+                        raise KeyboardInterrupt
+            except (TrainingInterrupted, _Abort):
+                raise
+            except KeyboardInterrupt:
+                self._save_interrupted()
             if state.step == cfg.steps:
                 self._finish()
         return state
 
     # ------------------------------------------------------------------ pieces
+    def _interrupt_requested(self, interrupt: _InterruptFlag) -> bool:
+        if self.info.world_size == 1:
+            return interrupt.requested
+        flag = torch.tensor(float(interrupt.requested), device=self.device)
+        return all_reduce_mean(flag).item() > 0  # every rank stops at the same step
+
+    def _save_interrupted(self) -> None:
+        """Ctrl-C between steps: save ``last.pt`` at ``state.step`` (unless it already holds that
+        step), record an ``interrupt`` event and raise ``TrainingInterrupted``."""
+        step, path = self.state.step, self.run_dir / LAST
+        if step > self._step0 and self._saved_step != step:
+            self._checkpoint(last=True, best=False)
+            saved = f"saved {path} at step {step}"
+        elif path.is_file():
+            saved = f"{path} kept (step {self._saved_step if self._saved_step is not None else step})"
+        else:
+            saved = "no checkpoint written yet"
+        self.events.write("interrupt", step=step, message=saved)
+        raise TrainingInterrupted(f"interrupted at step {step}/{self.cfg.steps}: {saved}; "
+                                  "run the same command again to resume", step) from None
+
     def _start(self) -> Progress:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +237,11 @@ class Trainer:
             self.progress = Progress(self.cfg.steps, self.state.step, enabled=self.info.is_main)
         self._t0 = time.perf_counter()
         self._wall0, self._step0 = self.state.wall_time_s, self.state.step
-        self._last_log = (self.state.tokens_seen, self.state.train_time_s)
+        self._saved_step = self.state.step if self.resumed_from is not None else None
+        self._last_log = (self.state.tokens_seen, self.state.train_time_s, self.state.step)
+        notice = load_notice() if self.info.is_main else None
+        if notice:
+            self.progress.note(notice)
         repaired = self.events.repair()
         if repaired and self.info.is_main:
             print(f"warning: {repaired}", file=sys.stderr, flush=True)
@@ -182,10 +313,10 @@ class Trainer:
         state = self.state
         loss = all_reduce_mean(stats.loss).item()
         tokens, seconds = state.tokens_seen - self._last_log[0], state.train_time_s - self._last_log[1]
-        self._last_log = (state.tokens_seen, state.train_time_s)
+        steps = state.step - self._last_log[2]
+        self._last_log = (state.tokens_seen, state.train_time_s, state.step)
         tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-        session = time.perf_counter() - self._t0
-        eta = session / (state.step - self._step0) * (self.cfg.steps - state.step)
+        eta = eta_seconds(self.cfg.steps - state.step, steps, seconds)  # the tok/s window's pace
         self.events.write("train", step=state.step, loss=loss, lr=lr_at(state.step - 1, self.cfg),
                           grad_norm=stats.grad_norm.item(), tokens_per_s=tokens_per_s,
                           elapsed_s=state.wall_time_s, eta_s=eta)
@@ -224,6 +355,8 @@ class Trainer:
             for name, wanted in ((LAST, last), (BEST, best)):
                 if wanted:
                     save_checkpoint(self.run_dir / name, payload, check_finite=False)
+        if last:
+            self._saved_step = self.state.step
 
     def _finish(self) -> None:
         state = self.state

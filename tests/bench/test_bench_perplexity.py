@@ -40,6 +40,12 @@ def test_cached_decode_with_an_exact_cache_matches_the_forward(model):
     assert exact.nll == pytest.approx(forward_nll(model, w).nll, abs=1e-5)
     coarse, _ = cached_decode_nll(model, w, "q4_0", batch_size=2)
     assert coarse.nll != pytest.approx(exact.nll, abs=1e-7)
+    # per-window NLLs (for report intervals): equal-length windows, so their mean is the NLL
+    full = forward_nll(model, w, batch_size=3)
+    for result in (exact, coarse, full):
+        assert len(result.window_nll) == len(w)
+        assert sum(result.window_nll) / len(w) == pytest.approx(result.nll, rel=1e-9)
+    assert exact.window_nll == pytest.approx(full.window_nll, abs=1e-5)
 
 
 def test_policy_rows_report_analytic_and_allocated_bytes(model):

@@ -118,7 +118,7 @@ def test_atomic_write_when_tokenizer_fails_midway(tmp_path, monkeypatch):
     out.write_bytes(b"previous contents")
     sidecar_path(out).write_text("{}")
     tok = ExplodingTokenizer()
-    monkeypatch.setattr(prep_mod, "build_tokenizer", lambda cfg: tok)
+    monkeypatch.setattr(prep_mod, "build_tokenizer", lambda cfg, **kw: tok)
     monkeypatch.setattr(prep_mod, "_BATCH_CHARS", 1)  # one document per batch: writes happen first
     with pytest.raises(RuntimeError, match="exploded"):
         prepare(sorted(tmp_path.glob("doc*.txt")), out, BYTE)

@@ -197,3 +197,79 @@ def test_apply_ddp_single_process_and_compile_wrapping():
     compiled = apply_ddp(model, train_config(compile=True), DistInfo(), torch.device("cpu"))
     assert compiled.raw is model and compiled.module is not model  # compiled lazily, not run here
     assert set(compiled.raw.state_dict()) == set(model.state_dict())
+
+
+def _interrupting_step(at_call: int, exc=KeyboardInterrupt):
+    calls = {"n": 0}
+    real_step = loop_mod.train_step
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise exc()
+        return real_step(*args, **kwargs)
+    return step
+
+
+def test_ctrl_c_saves_last_checkpoint_at_current_step_and_resumes(tmp_path, monkeypatch):
+    model = model_config(dropout=0.1)  # RNG state matters across the interruption
+    full = execute_run(make_run(tmp_path / "full", model=model), splits=SPLITS)
+    run = make_run(tmp_path / "int", model=model)
+    monkeypatch.setattr(loop_mod, "train_step", _interrupting_step(5))  # Ctrl-C while taking step 5
+    with pytest.raises(loop_mod.TrainingInterrupted) as info:
+        execute_run(run, splits=SPLITS)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and "interrupted at step 4/6" in message and "last.pt" in message
+    assert info.value.step == 4
+    assert read_checkpoint(run.run_dir / "last.pt")["step"] == 4  # not 3, the last periodic save
+    assert [e["step"] for e in read_events(run.run_dir / "train.jsonl", "interrupt")] == [4]
+    assert not list(run.run_dir.glob(".*.tmp"))  # written atomically, no temp left
+    resumed = execute_run(run, splits=SPLITS)
+    assert resumed.steps == 6 and resumed.val_loss == full.val_loss
+    assert _losses(run.run_dir) == _losses(full.run_dir)
+    _assert_same_weights(_weights(run.run_dir), _weights(full.run_dir))
+    assert [m["resumed_from"] for m in read_events(run.run_dir / "train.jsonl", "meta")] == [None, 4]
+
+
+def test_ctrl_c_right_after_a_checkpoint_does_not_save_twice(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    monkeypatch.setattr(loop_mod, "train_step", _interrupting_step(4))  # last.pt written at step 3
+    with pytest.raises(loop_mod.TrainingInterrupted, match="interrupted at step 3/6"):
+        execute_run(run, splits=SPLITS)
+    assert read_checkpoint(run.run_dir / "last.pt")["step"] == 3
+
+
+def test_sigint_flag_finishes_the_step_then_saves(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    run = make_run(tmp_path)
+    calls = {"n": 0}
+    real_step = loop_mod.train_step
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        out = real_step(*args, **kwargs)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C in the middle of step 2
+        return out
+
+    monkeypatch.setattr(loop_mod, "train_step", step)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(loop_mod.TrainingInterrupted, match="interrupted at step 2/6"):
+        execute_run(run, splits=SPLITS)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+    assert read_checkpoint(run.run_dir / "last.pt")["step"] == 2
+
+
+def test_cli_prints_one_line_on_interrupt(monkeypatch, capsys):
+    from attnlab import cli
+
+    def interrupted(args, command):
+        raise loop_mod.TrainingInterrupted("interrupted at step 4/6: saved x/last.pt at step 4", 4)
+
+    monkeypatch.setitem(cli.COMMANDS, "compile", interrupted)
+    assert cli.main(["compile", "m.yml"]) == 130
+    err = capsys.readouterr().err
+    assert err == "attnlab compile: interrupted at step 4/6: saved x/last.pt at step 4\n"
