@@ -26,6 +26,7 @@ RUNNERS = {
     "context_sweep": "attnlab.bench.sweep:run_context_sweep",
     "downstream": "attnlab.bench.downstream:run_downstream",
     "quality": "attnlab.bench.quality:run_quality",
+    "retrieval": "attnlab.bench.retrieval:run_retrieval_bench",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

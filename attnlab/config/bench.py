@@ -158,8 +158,39 @@ class QualityBench(_BenchBase):
         return value
 
 
+class RetrievalBench(_BenchBase):
+    """Synthetic long-context retrieval (``attnlab.bench.retrieval``): passkey and multi-key
+    needle-in-a-haystack; accuracy (bootstrap 95% interval over trials) and the answer's
+    log-likelihood per kind x length x depth, through cached decode under ``policy``."""
+
+    type: Literal["retrieval"] = "retrieval"
+    kinds: list[Literal["passkey", "multikey"]] = Field(default_factory=lambda: ["passkey", "multikey"], min_length=1)
+    lengths: list[int] = Field(min_length=1)
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    trials: int = Field(10, gt=0)
+    policy: str | None = None
+    seed: int = Field(0, ge=0)
+    num_keys: int | None = Field(None, gt=0, le=32, description="multikey pairs; default 4 (passkey has 1)")
+    num_digits: int = Field(5, gt=0, le=32)
+    filler: Literal["sentences", "heldout"] = "sentences"
+    header: bool = True
+    tokenizer_path: str | None = Field(None, description="local .tiktoken for GPT-2-tokenized checkpoints")
+    batch_size: int = Field(8, gt=0)
+
+    _lengths = field_validator("lengths", mode="after")(_check_lengths)
+
+    @field_validator("depths", mode="after")
+    @classmethod
+    def _check_depths(cls, value: list[float]) -> list[float]:
+        for i, d in enumerate(value):
+            if not 0.0 <= d <= 1.0:
+                raise ValueError(f"{_KEYED}[{i}]: depth {d} is outside [0, 1] (a fraction of the haystack)")
+        return value
+
+
 BenchConfig = Annotated[
-    Union[PerplexityBench, LatencyBench, MemoryBench, ContextSweepBench, DownstreamBench, QualityBench],
+    Union[PerplexityBench, LatencyBench, MemoryBench, ContextSweepBench, DownstreamBench, QualityBench,
+          RetrievalBench],
     Field(discriminator="type"),
 ]
 

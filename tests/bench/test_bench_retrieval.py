@@ -308,3 +308,17 @@ def test_suite_entry_point(model):
 def test_tokenizer_outside_the_model_vocab(model, gpt2):
     with pytest.raises(ConfigError, match="^tokenizer: token id .* outside the model's vocab"):
         run_retrieval(model, gpt2, kinds=["passkey"], lengths=[100], depths=[0.5], trials=1)
+
+
+def test_retrieval_is_a_manifest_benchmark_type():
+    from attnlab.bench.suite import RUNNERS
+    from attnlab.config.bench import validate_benchmarks
+    from attnlab.errors import ConfigError
+
+    [cfg] = validate_benchmarks([{"type": "retrieval", "lengths": [200], "depths": [0.0, 1.0], "trials": 2}], "b")
+    assert cfg.kinds == ["passkey", "multikey"] and cfg.name == "retrieval"
+    assert RUNNERS["retrieval"] == "attnlab.bench.retrieval:run_retrieval_bench"
+    with pytest.raises(ConfigError, match=r"b\[0\]\.depths\[1\]: depth 1.5 is outside \[0, 1\]"):
+        validate_benchmarks([{"type": "retrieval", "lengths": [200], "depths": [0.5, 1.5]}], "b")
+    with pytest.raises(ConfigError, match=r"b\[0\]\.lengths\[0\]"):
+        validate_benchmarks([{"type": "retrieval", "lengths": [0]}], "b")
