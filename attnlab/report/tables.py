@@ -25,6 +25,8 @@ DISPLAY_COLUMNS = {
     "downstream": ["run", "task", "n", "acc", "acc_norm", "ppl"],
     "quality": ["run", "reference", "policy", "top1_agreement", "topk_overlap", "kl_nats_per_token",
                 "greedy_agreement"],
+    "retrieval": ["run", "kind", "num_keys", "policy", "length", "depth", "trials", "accuracy", "accuracy_interval",
+                  "answer_loglik"],
 }
 
 #: column -> (human header with unit, number format). Formats: "text", "int" (rounded, thousands
@@ -88,12 +90,20 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "step": ("step", "int"),
     "split": ("split", "text"),
     "loss": ("loss (nats/token)", "sig4"),
+    "kind": ("task", "text"),
+    "num_keys": ("keys in the haystack", "int"),
+    "depth": ("needle depth (fraction)", "f2"),
+    "trials": ("trials", "int"),
+    "accuracy": ("accuracy (fraction)", "f3"),
+    "accuracy_interval": ("accuracy 95% interval (bootstrap over trials)", "text"),
+    "answer_loglik": ("answer log-likelihood (nats/token)", "sig3"),
 }
 
 #: short headings per benchmark type (Markdown section titles)
 HEADINGS = {
     "perplexity": "Perplexity by KV-cache policy", "latency": "Latency", "memory": "KV-cache memory",
     "context_sweep": "Context sweep", "downstream": "Downstream tasks", "quality": "Agreement with a reference",
+    "retrieval": "Long-context retrieval (passkey / multi-key needle)",
 }
 
 
@@ -370,6 +380,10 @@ def display_tables(kind: str | None, table: Table) -> list[Table]:
             interval = ppl_interval(r)
             if interval is not None:
                 r["ppl_interval"] = f"{fmt(interval[0], 'sig4')}-{fmt(interval[1], 'sig4')}"
+    if kind == "retrieval":
+        for r in rows:
+            if r.get("accuracy_lo") is not None and r.get("accuracy_hi") is not None:
+                r["accuracy_interval"] = f"{fmt(r['accuracy_lo'], 'f3')}-{fmt(r['accuracy_hi'], 'f3')}"
     if kind == "latency":
         for r in rows:
             lo, hi = r.get("decode_p10_ms_per_token"), r.get("decode_p90_ms_per_token")
