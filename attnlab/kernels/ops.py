@@ -15,7 +15,7 @@ import torch
 
 from attnlab.cache.kv import CacheStep
 
-OP_NAMESPACE = "attnlab"  # torch.library namespace of this package's custom ops
+OP_NAMESPACE = __name__.split(".")[0]  # torch.library namespace of this package's custom ops: the package name
 _ACTIVE: list = []  # [(ModelCache, max_length)] while a compiled forward runs
 
 

@@ -188,7 +188,10 @@ def attend(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: torch.Tensor
     """Attention over key fields with ``mask`` by the backend ``select_backend`` picks for
     ``impl`` (auto | fused | sdpa | flex | eager) -> (B, H, T, d_v). ``dropout_p``: attention
     dropout (pass 0 outside training)."""
-    needs_grad = torch.is_grad_enabled() and any(
+    # gradients matter only where flex may be chosen (CPU flex has no backward); plain causal
+    # masks go to SDPA unless flex is asked for
+    may_use_flex = impl == "flex" or not mask.is_causal_only
+    needs_grad = may_use_flex and torch.is_grad_enabled() and any(
         t.requires_grad for t in [*q, *k, v, *(null_k or []), *([null_v] if null_v is not None else [])])
     name = select_backend(mask, q[0].device, q[0].dtype, impl, needs_grad=needs_grad, dropout=dropout_p > 0)
     if name == "sdpa":
