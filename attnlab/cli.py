@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -117,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="weight dtype in the export (default: the model's)")
+
+    p = sub.add_parser("retrofit", help="zero-training retrofit of a model's attention (butterfly)",
+                       description="Swap selected standard-attention layers of a run folder, .pt checkpoint, Hugging "
+                                   "Face Llama folder or llama2.c .bin for Butterfly attention (sliding window + "
+                                   "sink/local/partner block summaries) with the same weights; nothing is trained. "
+                                   "Writes a run folder that sample, bench and report read.")
+    p.add_argument("kind", choices=["butterfly"], help="the retrofit")
+    p.add_argument("source", type=Path, help="run folder, .pt, HF folder or llama2.c .bin")
+    p.add_argument("--out", required=True, type=Path, help="output run folder (must not hold a checkpoint)")
+    p.add_argument("--layers", default="all", help="all (default), every:K, or indices such as 0,2,5")
+    p.add_argument("--window", type=int, default=64, help="raw positions each query sees (default 64)")
+    p.add_argument("--block-size", type=int, default=128, help="positions per summarised block (default 128)")
+    p.add_argument("--partner", default="causal_shift", help="causal_shift (default), xor, random, local_only")
+    p.add_argument("--stage-by", default="layer", help="layer (default: layer index mod stages) or swapped")
+    p.add_argument("--num-stages", type=int, default=None, help="default: ceil(log2(context blocks))")
 
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into a token file",
                        description="Tokenize inputs into a memory-mappable .npy token file (+ JSON sidecar).")
@@ -407,8 +423,38 @@ def cmd_export(args, command: str) -> int:
     return 0
 
 
+def cmd_retrofit(args, command: str) -> int:
+    from attnlab.api import load
+    from attnlab.convert.butterfly import retrofit_butterfly
+    from attnlab.provenance import write_provenance
+    from attnlab.runfolder import RunFolder
+
+    out = RunFolder(args.out)
+    if out.has_checkpoint():
+        raise AttnlabError(f"{args.out} already holds a checkpoint; choose a new --out folder")
+    model = load(args.source)
+    options = dict(layers=args.layers, window=args.window, block_size=args.block_size, partner=args.partner,
+                   stage_by=args.stage_by, num_stages=args.num_stages)
+    new = retrofit_butterfly(model, **options)
+    source = RunFolder(args.source) if args.source.is_dir() else None
+    resolved = (source.resolved_config() if source is not None else None) or {}
+    resolved = {**resolved, "model": new.config.model_dump(mode="json"),
+                "retrofit": {"kind": "butterfly", "source": str(args.source), **options}}
+    out.path.mkdir(parents=True, exist_ok=True)
+    with out.lock("retrofit"):
+        write_provenance(out.path, command, resolved)
+        if source is not None and source.heldout_path.is_file():
+            shutil.copyfile(source.heldout_path, out.heldout_path)
+        out.save_model(new, {"source": str(args.source), "retrofit": resolved["retrofit"]})
+    swapped = sum(1 for s in new.config.attention_specs() if s.type == "butterfly")
+    print(f"wrote {out.path}: {swapped}/{len(new.config.attention_specs())} layers butterfly "
+          f"(window {args.window}, block {args.block_size}, {args.partner}), no training")
+    return 0
+
+
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample,
-            "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare}
+            "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare,
+            "retrofit": cmd_retrofit}
 
 COMPUTE_COMMANDS = frozenset({"run", "train", "sample", "bench"})
 

@@ -23,7 +23,7 @@ from attnlab.bench.latency import (
     resolve_policy,
     sync,
 )
-from attnlab.cache import CachePolicy, LayerCache, ModelCache
+from attnlab.cache import CachePolicy, ModelCache, layer_cache
 from attnlab.infer.runtime import DecodeRuntime
 from attnlab.config.attention import (
     AttentionDims,
@@ -80,9 +80,9 @@ def analytic(dims: list[AttentionDims], policy: CachePolicy, dtype: torch.dtype)
     not change either number)."""
     policy.check_fields(dims)
     meta = torch.device("meta")
-    cache = ModelCache([LayerCache(d, policy, 1, 1, meta, dtype) for d in dims], 1, 1, policy)
+    cache = ModelCache([layer_cache(d, policy, 1, 1, meta, dtype) for d in dims], 1, 1, policy)
     report = cache.report(0)
-    return report.bytes_per_token, report.tail_bytes
+    return report.bytes_per_token, report.tail_bytes + report.fixed_bytes
 
 
 def measure(model, policy: CachePolicy, ctx: BenchContext, context: int, chunk: int | None) -> dict:

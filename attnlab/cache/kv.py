@@ -145,17 +145,41 @@ class LayerCache:
         """Bytes one token adds to this layer (per sequence), from the formats."""
         return sum(store.bytes_per_token() for store in self.stores.values())
 
+    def retained_bytes(self, length: int) -> int:
+        """Analytic bytes one sequence of ``length`` tokens holds (the tail ring not counted)."""
+        return length * self.bytes_per_token()
+
+    def tail_bytes(self) -> int:
+        return self.window.bytes_allocated() if self.window is not None else 0
+
+    def fixed_bytes(self) -> int:
+        """Allocated bytes that do not grow with the capacity: the tail ring."""
+        return self.tail_bytes()
+
     def bytes_allocated(self) -> int:
         """Field storage plus the tail ring (kernel scratch buffers are not cache bytes)."""
-        total = sum(store.bytes_allocated() for store in self.stores.values())
-        return total + (self.window.bytes_allocated() if self.window is not None else 0)
+        return sum(store.bytes_allocated() for store in self.stores.values()) + self.tail_bytes()
+
+
+def layer_cache(dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int, device: torch.device,
+                dtype: torch.dtype):
+    """The cache a layer with cache spec ``dims`` needs: ``LayerCache`` (every token), or
+    ``SummaryLayerCache`` (a window + block summaries) when ``dims.summaries``."""
+    if dims.summaries is not None:
+        from attnlab.cache.summary import SummaryLayerCache
+
+        return SummaryLayerCache(dims, policy, batch, capacity, device, dtype)
+    return LayerCache(dims, policy, batch, capacity, device, dtype)
 
 
 @dataclass
 class CacheReport:
     """Analytic vs allocated bytes. Storage is allocated once for ``capacity`` positions, so
-    ``bytes_allocated == bytes_per_token * batch * capacity + tail_bytes`` exactly;
-    ``slack_bytes``: capacity not (yet) filled by the longest sequence."""
+    for per-token caches ``bytes_allocated == bytes_per_token * batch * capacity + tail_bytes``
+    exactly; ``slack_bytes``: capacity not (yet) filled by the longest sequence. Window +
+    summary layers (Butterfly) add ``fixed_bytes`` (window ring, running sums) and count their
+    summary rows in ``bytes_per_token`` amortised over a block; ``retained_bytes`` is what the
+    sequences hold at ``max_length`` tokens each (analytic, every layer kind)."""
 
     bytes_per_token: int            # per sequence, all layers
     bytes_per_token_layer: list[int]
@@ -164,6 +188,8 @@ class CacheReport:
     capacity: int
     max_length: int
     batch: int
+    fixed_bytes: int = 0
+    retained_bytes: int = 0
 
     @property
     def slack_bytes(self) -> int:
@@ -195,7 +221,7 @@ class ModelCache:
         capacity = capacity if capacity is not None else model.config.block_size
         dims = [layer.dims for layer in model.attention_layers()]
         policy.check_fields(dims)
-        return cls([LayerCache(d, policy, batch, capacity, device, dtype) for d in dims], batch, capacity, policy)
+        return cls([layer_cache(d, policy, batch, capacity, device, dtype) for d in dims], batch, capacity, policy)
 
     def check_rollback(self, lengths: list[int]) -> None:
         for b, n in enumerate(lengths):
@@ -209,6 +235,8 @@ class ModelCache:
         return sum(layer.bytes_allocated() for layer in self.layers)
 
     def report(self, max_length: int) -> CacheReport:
-        tail = sum(layer.window.bytes_allocated() for layer in self.layers if layer.window is not None)
+        tail = sum(layer.tail_bytes() for layer in self.layers)
+        fixed = sum(layer.fixed_bytes() for layer in self.layers) - tail
+        retained = self.batch * sum(layer.retained_bytes(max_length) for layer in self.layers)
         return CacheReport(self.bytes_per_token(), [layer.bytes_per_token() for layer in self.layers],
-                           self.bytes_allocated(), tail, self.capacity, max_length, self.batch)
+                           self.bytes_allocated(), tail, self.capacity, max_length, self.batch, fixed, retained)

@@ -76,6 +76,11 @@ class FieldStore:
         for plane, enc in zip(self._planes(), self._encode(rows)):
             plane.index_put_((batch_index, pos), enc[:, 0])
 
+    def write_rows(self, b: int, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store ``rows`` (n, row_length) of sequence ``b`` at row indices ``index`` (n,)."""
+        for plane, enc in zip(self._planes(), self._encode(rows.unsqueeze(0))):
+            plane[b, index] = enc[0]
+
     def _check_room(self, offsets: list[int], valid: list[int]) -> None:
         end = max(o + n for o, n in zip(offsets, valid))
         if end > self.capacity:
@@ -88,6 +93,15 @@ class FieldStore:
             return planar.dequantize(self.codes[:, start:end], self.scales[:, start:end], self.format.name,
                                      self.row_length, self.compute_dtype)
         return self.data[:, start:end].to(self.compute_dtype)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (B, n) long of each sequence, dequantized: (B, n, row_length). No host
+        synchronisation (capturable)."""
+        batch_index = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+        if self.format.quantized:
+            return planar.dequantize(self.codes[batch_index, index], self.scales[batch_index, index],
+                                     self.format.name, self.row_length, self.compute_dtype)
+        return self.data[batch_index, index].to(self.compute_dtype)
 
     def ggml_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows ``start:end`` as ggml's byte stream (B, end - start, row_bytes) uint8 (block

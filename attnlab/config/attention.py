@@ -100,6 +100,15 @@ class AttentionSpec(StrictModel):
     def check_width(self, d_model: int) -> None:
         """Cross-checks that need d_model; raises ValueError with the reason."""
 
+    def check_context(self, context: int) -> None:
+        """Cross-checks that need the model's context length (``block_size``); raises
+        ValueError with the reason."""
+
+    def for_context(self, context: int) -> "AttentionSpec":
+        """This spec with anything derived from the context length filled in (what the layer
+        is built from; default: unchanged)."""
+        return self
+
     def approx_params(self, d_model: int) -> int:
         """Weights of the projections (biases and small extras ignored), from ``dims``; variants
         whose projections are not q/k/v/out of these widths override it."""
@@ -252,6 +261,17 @@ class KeyField:
 
 
 @dataclass(frozen=True)
+class SummaryLayout:
+    """A cache that keeps a sliding window of raw rows plus one summary row per completed
+    block instead of every token (Butterfly): ``window`` newest positions, blocks of
+    ``block_size`` positions. Its stored fields are the layer's fields (the window pool) and
+    ``<field>_sum`` (the summary pool), each with its own format."""
+
+    window: int
+    block_size: int
+
+
+@dataclass(frozen=True)
 class AttentionDims:
     """Numbers every consumer of an attention spec needs, resolved against d_model."""
 
@@ -261,6 +281,15 @@ class AttentionDims:
     v_head_dim: int
     null_token: bool = False
     value_alias: str | None = None  # values are read from this key field (MLA: the latent c_kv)
+    summaries: SummaryLayout | None = None  # window + block summaries instead of every token
+
+    @property
+    def token_fields(self) -> dict[str, int]:
+        """Fields stored per token (the window pool when ``summaries``): keys then ``v``."""
+        out = {f.name: f.head_dim for f in self.key_fields}
+        if self.value_alias is None:
+            out["v"] = self.v_head_dim
+        return out
 
     def __post_init__(self):
         if self.value_alias is not None:
@@ -280,10 +309,11 @@ class AttentionDims:
 
     @property
     def cache_fields(self) -> dict[str, int]:
-        """Stored field name -> per-kv-head dim, keys first then ``v`` (absent when aliased)."""
-        out = {f.name: f.head_dim for f in self.key_fields}
-        if self.value_alias is None:
-            out["v"] = self.v_head_dim
+        """Stored field name -> per-kv-head dim, keys first then ``v`` (absent when aliased), then
+        with ``summaries`` the summary pool's ``<field>_sum`` of each."""
+        out = self.token_fields
+        if self.summaries is not None:
+            out.update({f"{name}_sum": hd for name, hd in list(out.items())})
         return out
 
 

@@ -201,6 +201,7 @@ class ModelConfig(StrictModel):
                     raise ValueError(f"layer_overrides[{i}].layers has {bad} outside 0..{self.num_layers - 1}")
         for spec in self.attention_specs():
             check_attention_against_width(spec, self.d_model)
+            spec.check_context(self.block_size)
         return self
 
     def layer_dims(self) -> list:

@@ -199,6 +199,8 @@ class DecodeRuntime:
         from attnlab.kernels import kernel_unsupported_reason
 
         for i, (layer, cache) in enumerate(zip(self.model.attention_layers(), self.cache.layers)):
+            if getattr(cache, "device_side_decode", False):  # torch ops on device positions only
+                continue
             q = [torch.empty(self.batch, layer.dims.num_heads, 1, f.head_dim, device=self.device, dtype=cache.dtype)
                  for f in layer.dims.key_fields]
             null_k, _ = layer.null_kv()

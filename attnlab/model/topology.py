@@ -91,7 +91,8 @@ class TopologyBuilder:
         self.num_blocks = 0
 
     def _attention(self, spec) -> nn.Module:
-        layer = build_attention(spec or self.cfg.attention, self.cfg.d_model, self.num_attention)
+        spec = (spec or self.cfg.attention).for_context(self.cfg.block_size)
+        layer = build_attention(spec, self.cfg.d_model, self.num_attention)
         self.num_attention += 1
         return layer
 

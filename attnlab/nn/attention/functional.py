@@ -270,12 +270,23 @@ def eager_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: tor
         mask = MaskSpec(q_offset=q_offset, key_lengths=key_lengths)
     elif q_offset != 0 or key_lengths is not None:
         raise ValueError("eager_attention: give q_offset/key_lengths inside mask, not beside it")
-    batch, num_heads, t_len, _ = q[0].shape
-    s_len = k[0].shape[2]
+    batch, t_len = q[0].shape[0], q[0].shape[2]
+    visible = mask.dense(batch, t_len, k[0].shape[2], q[0].device)
+    return masked_attention(q, k, v, scales, visible, null_k=null_k, null_v=null_v, dropout_p=dropout_p)
+
+
+def masked_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: torch.Tensor,
+                     scales: Sequence[float], visible: torch.Tensor, *,
+                     null_k: Sequence[torch.Tensor] | None = None, null_v: torch.Tensor | None = None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """The reference with an explicit visibility ``visible`` (B or 1, T, S) bool: per-field
+    scores, masked, float32-or-better softmax -> (B, H, T, d_v). A query that sees nothing (and
+    has no null token) gets a zero output."""
+    num_heads = q[0].shape[1]
     group = num_heads // k[0].shape[1]
     acc = score_dtype(q)
     scores = field_scores(q, k, scales, dtype=acc)  # (B, H, T, S)
-    visible = mask.dense(batch, t_len, s_len, scores.device).unsqueeze(1)  # (B or 1, 1, T, S)
+    visible = visible.unsqueeze(1)  # (B or 1, 1, T, S)
     scores = scores.masked_fill(~visible, float("-inf"))
     v_rep = v.repeat_interleave(group, dim=1).to(acc)
     if null_k is None:
