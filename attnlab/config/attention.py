@@ -9,7 +9,7 @@ description in numbers; caches, byte accounting and kernels all read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -258,6 +258,11 @@ class KeyField:
     head_dim: int
     rotary: bool
     row: Literal["token", "block", "state"] = "token"
+
+
+#: Butterfly's partner-block rules (``attnlab.nn.attention.butterfly.partner_block``)
+PartnerRule = Literal["causal_shift", "xor", "random", "local_only"]
+PARTNER_RULES: tuple[str, ...] = get_args(PartnerRule)
 
 
 @dataclass(frozen=True)

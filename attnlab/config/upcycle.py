@@ -8,7 +8,27 @@ from pydantic import Field
 
 from attnlab.config.base import StrictModel
 
-RunMode = Literal["train", "import", "upcycle", "blockwise", "finetune"]
+from attnlab.config.attention import PartnerRule
+
+RunMode = Literal["train", "import", "upcycle", "blockwise", "finetune", "retrofit"]
+
+
+class RetrofitConfig(StrictModel):
+    """A zero-training retrofit of the teacher's attention (``mode: retrofit``); Butterfly: the
+    chosen standard layers become window + block-summary attention with the same weights
+    (``attnlab.convert.butterfly``)."""
+
+    kind: Literal["butterfly"] = "butterfly"
+    layers: str | list[int] = Field("all", description="all, every:K, or a list of layer indices")
+    window: int = Field(64, gt=0)
+    block_size: int = Field(128, gt=0)
+    partner: PartnerRule = "causal_shift"
+    stage_by: Literal["layer", "swapped"] = "layer"
+    num_stages: int | None = Field(None, gt=0)
+
+    def options(self) -> dict:
+        """Keyword arguments of ``convert.butterfly.retrofit_butterfly``."""
+        return self.model_dump(exclude={"kind"})
 
 
 class SurgeryConfig(StrictModel):

@@ -18,11 +18,28 @@ PAPER_DBA_POLICY = DecoupledAttentionConfig.mixed_policy  # the paper's: k_sem q
 
 
 def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str) -> int:
-    """Bytes one token adds to one layer's cache; ``formats`` is one format or field -> format."""
-    total = 0
-    for name, head_dim in dims.cache_fields.items():
+    """Bytes one token adds to one layer's cache; ``formats`` is one format or field -> format.
+    A window + block-summary layer (``dims.summaries``) grows by its summary rows once per block:
+    that, over the block size (rounded up); its window pool is fixed (``kv_fixed_bytes_layer``)."""
+    def row(name: str, head_dim: int) -> int:
         fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
-        total += get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
+        return get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
+
+    if dims.summaries is None:
+        return sum(row(name, hd) for name, hd in dims.cache_fields.items())
+    per_block = sum(row(f"{name}_sum", hd) for name, hd in dims.token_fields.items())
+    return -(-per_block // dims.summaries.block_size)
+
+
+def kv_fixed_bytes_layer(dims: AttentionDims, formats: dict[str, str] | str) -> int:
+    """Bytes of a layer's cache that do not grow with the context: a window + summary layer's
+    window pool (``window`` rows); 0 for per-token caches."""
+    if dims.summaries is None:
+        return 0
+    total = 0
+    for name, head_dim in dims.token_fields.items():
+        fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
+        total += dims.summaries.window * get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
     return total
 
 
@@ -72,6 +89,8 @@ def model_stats(cfg: ModelConfig, formats: tuple[str, ...] = DEFAULT_FORMATS) ->
     attn_flops = 0.0
     for d in dims:
         keys = mean_context + (1 if d.null_token else 0)
+        if d.summaries is not None:  # a window plus at most three block summaries
+            keys = min(keys, d.summaries.window + 3)
         attn_flops += 2 * d.num_heads * (d.qk_head_dim + d.v_head_dim) * keys
     stats = ModelStats(total, non_embedding, int(2 * matmul_params + attn_flops), dims)
     policies: list[dict[str, str] | str] = list(formats)

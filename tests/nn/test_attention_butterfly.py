@@ -259,3 +259,4 @@ def test_cuda_flex_prefill_equals_the_key_set_reference(dtype):
     got = _masked(q, k, v, window=16, block_size=32, rule="xor", stage=2, impl="flex")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
+

@@ -70,8 +70,9 @@ def report_once(reason: str) -> None:
 
 
 def flex_unsupported_reason(device: torch.device, dtype: torch.dtype, *, needs_grad: bool = False,
-                            dropout: bool = False) -> str | None:
-    """Why FlexAttention cannot serve a call; None when it can."""
+                            dropout: bool = False, head_dim: int | None = None) -> str | None:
+    """Why FlexAttention cannot serve a call; None when it can. ``head_dim``: the width of the
+    concatenated query/key fields (the compiled CUDA kernel needs at least 16)."""
     device = torch.device(device)
     if FLEX_IMPORT_ERROR:
         return FLEX_IMPORT_ERROR
@@ -86,12 +87,14 @@ def flex_unsupported_reason(device: torch.device, dtype: torch.dtype, *, needs_g
     if device.type == "cuda":
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the compiled flex_attention kernel does not take {dtype}"
+        if head_dim is not None and head_dim < 16:
+            return f"the compiled flex_attention kernel needs head dims >= 16, got {head_dim}"
         return None
     return f"flex_attention is not used on {device.type}"
 
 
 def select_backend(mask: MaskSpec, device: torch.device | str, dtype: torch.dtype, requested: str = "auto",
-                   *, needs_grad: bool = False, dropout: bool = False) -> str:
+                   *, needs_grad: bool = False, dropout: bool = False, head_dim: int | None = None) -> str:
     """``sdpa``, ``flex`` or ``eager`` for a call with this mask on this device/dtype. Rules:
 
     1. ``requested="eager"`` -> eager.
@@ -101,7 +104,8 @@ def select_backend(mask: MaskSpec, device: torch.device | str, dtype: torch.dtyp
     3. ``sdpa`` for a mask that is not plain causal: ValueError (SDPA cannot express it).
     4. ``flex`` -> flex where it can serve the call, else eager (the reason logged once); flex
        also serves plain causal masks when asked for.
-    ``needs_grad``: the call will be differentiated; ``dropout``: attention dropout > 0.
+    ``needs_grad``: the call will be differentiated; ``dropout``: attention dropout > 0;
+    ``head_dim``: the smaller of the summed key-field width and the value width.
     """
     if requested not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, got {requested!r}")
@@ -111,7 +115,7 @@ def select_backend(mask: MaskSpec, device: torch.device | str, dtype: torch.dtyp
         raise ValueError(f"the sdpa backend serves plain causal masks only, got {mask}")
     if requested in ("auto", "fused", "sdpa") and mask.is_causal_only:
         return "sdpa"
-    reason = flex_unsupported_reason(device, dtype, needs_grad=needs_grad, dropout=dropout)
+    reason = flex_unsupported_reason(device, dtype, needs_grad=needs_grad, dropout=dropout, head_dim=head_dim)
     if reason is None:
         return "flex"
     report_once(f"{reason}: eager attention runs instead")
@@ -193,7 +197,9 @@ def attend(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: torch.Tensor
     may_use_flex = impl == "flex" or not mask.is_causal_only
     needs_grad = may_use_flex and torch.is_grad_enabled() and any(
         t.requires_grad for t in [*q, *k, v, *(null_k or []), *([null_v] if null_v is not None else [])])
-    name = select_backend(mask, q[0].device, q[0].dtype, impl, needs_grad=needs_grad, dropout=dropout_p > 0)
+    widths = (sum(qf.shape[-1] for qf in q), v.shape[-1])
+    name = select_backend(mask, q[0].device, q[0].dtype, impl, needs_grad=needs_grad, dropout=dropout_p > 0,
+                          head_dim=min(widths))
     if name == "sdpa":
         if q[0].shape[2] != k[0].shape[2]:
             raise ValueError(f"the sdpa backend needs T == S (self-attention), got T={q[0].shape[2]} "

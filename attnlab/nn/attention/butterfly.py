@@ -42,7 +42,14 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from attnlab.config.attention import AttentionDims, KeyField, StandardAttentionConfig, SummaryLayout
+from attnlab.config.attention import (
+    PARTNER_RULES,
+    AttentionDims,
+    KeyField,
+    PartnerRule,
+    StandardAttentionConfig,
+    SummaryLayout,
+)
 from attnlab.config.limits import check_count, limits_from
 from attnlab.config.variants import register_variant
 from attnlab.nn.attention.backends import attend
@@ -51,8 +58,6 @@ from attnlab.nn.attention.functional import masked_attention
 from attnlab.nn.attention.standard import StandardAttention
 from attnlab.nn.context import ForwardContext
 
-PARTNER_RULES = ("causal_shift", "xor", "random", "local_only")
-PartnerRule = Literal["causal_shift", "xor", "random", "local_only"]
 
 
 class ButterflyAttentionConfig(StandardAttentionConfig):
@@ -239,6 +244,11 @@ class ButterflyAttention(StandardAttention):
 
     def _decode(self, q, k, v, cache, step) -> torch.Tensor:
         """One new token per sequence: fixed shapes, positions on the device (capturable)."""
+        from attnlab.kernels.butterfly import decode_step, kernel_serves  # local: kernels on use
+
+        if kernel_serves(q, cache):  # one fused launch: write + attend
+            return decode_step(q, k, v, cache, step.offsets, window=self.window, block_size=self.block_size,
+                               rule=self.rule, stage=self.stage, scale=self.scales[0])
         pos = step.offsets.to(torch.long)  # (B,) the new token's position
         cache.append_token(pos, {"k": k, "v": v})
         ring_k, ring_v, ring_pos = cache.ring_rows(pos, {"k": k, "v": v})  # (B, KV, R, d), (B, R)
