@@ -76,6 +76,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
                                                        folder / "latency_vs_context.png", order),
         "memory_vs_context": plots.memory_vs_context(by_type.get("memory"), folder / "memory_vs_context.png", order),
         "pareto": plots.pareto(by_type.get("perplexity"), folder / "pareto_ppl_vs_kv_bytes.png", order),
+        "retrieval": plots.retrieval(by_type.get("retrieval"), folder / "retrieval_accuracy_vs_depth.png", order),
     }
     files.plots = {k: v for k, v in drawn.items() if v is not None}
 
@@ -92,7 +93,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
 
 PLOT_HEADINGS = {"loss_curves": "Figure: loss curves", "latency_vs_context": "Figure: latency vs context",
                  "memory_vs_context": "Figure: KV-cache memory vs context",
-                 "pareto": "Figure: perplexity vs KV-cache bytes per token"}
+                 "pareto": "Figure: perplexity vs KV-cache bytes per token",
+                 "retrieval": "Figure: retrieval accuracy vs needle depth and context length"}
 PLOT_CAPTIONS = {
     "loss_curves": "Training loss (logged batches, solid) and held-out loss of the training loop's evaluation "
                    "(dashed, markers) by step; one colour and marker per run.",
@@ -105,6 +107,9 @@ PLOT_CAPTIONS = {
     "pareto": "Held-out perplexity (cached decode, perplexity benchmark) against analytic KV-cache bytes per "
               "token, one point per run and policy; bars are bootstrap intervals over windows when per-window "
               "NLLs are recorded.",
+    "retrieval": "Exact-match accuracy of greedy decoding (passkey / multi-key needle) against the needle's depth "
+                 "in the haystack, one panel per task and context length, one colour and marker per run; bars "
+                 "are bootstrap 95% intervals over trials.",
 }
 
 

@@ -430,3 +430,50 @@ def draw_pareto(perplexity: Table | None, order: list[str] | None = None):
 
 def pareto(perplexity: Table | None, path: Path, order: list[str] | None = None) -> Path | None:
     return _saved(draw_pareto(perplexity, order), path)
+
+
+# ---------------------------------------------------------------------------------------- retrieval
+def draw_retrieval(retrieval: Table | None, order: list[str] | None = None):
+    """Retrieval accuracy against needle depth: one panel per (task, context length), one line
+    per run (and policy, by line style) with its bootstrap interval over trials."""
+    if retrieval is None or not retrieval.rows:
+        return None
+    rows = [r for r in retrieval.rows if r.get("accuracy") is not None]
+    if not rows:
+        return None
+    order = _run_order(order, retrieval)
+    styles = _styles(order)
+    panels = sorted({(str(r["kind"]), int(r["length"])) for r in rows})
+    policies = sorted({str(r.get("policy")) for r in rows})
+    lines = _linestyles(policies)
+    fig, axes = _figure(len(panels), width=3.2, height=3.2)
+    for ax, (kind, length) in zip(axes, panels):
+        for run in order:
+            for policy in policies:
+                pts = sorted((r for r in rows if r.get("run") == run and str(r["kind"]) == kind
+                              and int(r["length"]) == length and str(r.get("policy")) == policy),
+                             key=lambda r: r["depth"])
+                if not pts:
+                    continue
+                style = styles[run]
+                xs, ys = [r["depth"] for r in pts], [r["accuracy"] for r in pts]
+                err = [[max(0.0, r["accuracy"] - r.get("accuracy_lo", r["accuracy"])) for r in pts],
+                       [max(0.0, r.get("accuracy_hi", r["accuracy"]) - r["accuracy"]) for r in pts]]
+                ax.errorbar(xs, ys, yerr=err, color=style["color"], marker=style["marker"], markersize=4,
+                            linestyle=lines[policy], linewidth=1.1, capsize=2)
+        ax.set_title(f"{kind}, {length:,} tokens", fontsize=9)
+        ax.set_xlabel("needle depth (fraction of the haystack)")
+        ax.set_ylabel("exact-match accuracy (fraction)")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    sections = [("run", [(_run_handle(styles[r]), r) for r in order if any(x.get("run") == r for x in rows)]),
+                ("interval", [(_blank(), "bars: bootstrap 95% interval over trials")])]
+    if len(policies) > 1:
+        sections.insert(1, ("KV-cache policy", [(_style_handle(lines[p]), p) for p in policies]))
+    _legends(fig, sections)
+    return fig
+
+
+def retrieval(table: Table | None, path: Path, order: list[str] | None = None) -> Path | None:
+    return _saved(draw_retrieval(table, order), path)

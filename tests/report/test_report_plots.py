@@ -81,6 +81,14 @@ def _sweep(n):
     return Table("context_sweep", "Sweep", list(rows[0]), rows)
 
 
+def _retrieval(n):
+    rows = [{"run": key, "kind": kind, "length": length, "depth": d, "policy": "native", "trials": 10,
+             "accuracy": max(0.0, 1.0 - 0.2 * i - d * (length > 512)), "accuracy_lo": 0.0, "accuracy_hi": 1.0}
+            for i, key in enumerate(_keys(n)) for kind in ("passkey", "multikey") for length in (512, 1024)
+            for d in (0.0, 0.5, 1.0)]
+    return Table("retrieval", "Retrieval", list(rows[0]), rows)
+
+
 def _figures(n):
     order = _keys(n)
     return {
@@ -89,6 +97,7 @@ def _figures(n):
         "memory_vs_context": plots.draw_memory_vs_context(_memory(n), order),
         "pareto": plots.draw_pareto(_perplexity(n), order),
         "pareto_no_windows": plots.draw_pareto(_perplexity(n, windows=False), order),
+        "retrieval": plots.draw_retrieval(_retrieval(n), order),
     }
 
 
