@@ -88,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="run folder, checkpoint, or manifest (.yml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="manifest overrides (manifest targets)")
     p.add_argument("--group", help="manifest targets: only this group")
-    p.add_argument("--suite", nargs="+", choices=["perplexity", "latency", "memory", "context_sweep", "downstream", "quality"],
+    p.add_argument("--suite", nargs="+", choices=["perplexity", "latency", "memory", "context_sweep", "downstream", "quality",
+                                                  "retrieval"],
                    help="which benchmarks (run folder/checkpoint default: perplexity; manifest: filter its benchmarks)")
     p.add_argument("--policies", nargs="+", help="perplexity: cache policies (default fp16 q8_0 q4_0 nf4 + heterogeneous)")
     p.add_argument("--policy", help="cache policy for latency/memory/context_sweep/quality")
-    p.add_argument("--contexts", nargs="+", type=int, help="memory contexts and context_sweep lengths")
+    p.add_argument("--contexts", nargs="+", type=int, help="memory contexts, context_sweep and retrieval lengths")
+    p.add_argument("--depths", nargs="+", type=float, help="retrieval: needle depths in [0, 1] (default 0 .25 .5 .75 1)")
+    p.add_argument("--trials", type=int, help="retrieval: tasks per kind x length x depth (default 10)")
     p.add_argument("--task", action="append", default=[], metavar="NAME=PATH", help="downstream JSONL task (repeatable)")
     p.add_argument("--limit", type=int, help="downstream: examples per task")
     p.add_argument("--reference", default="fp16", help="quality: 'fp16' or 'run:<id>'")
@@ -328,6 +331,12 @@ def _bench_configs_from_args(args) -> list:
             spec["contexts"] = args.contexts
         if kind == "context_sweep" and args.contexts:
             spec["lengths"] = args.contexts
+        if kind == "retrieval":
+            if not args.contexts:
+                raise AttnlabError("retrieval needs --contexts (prompt lengths in tokens)")
+            spec.update({"lengths": args.contexts, **({"policy": args.policy} if args.policy else {}),
+                         **({"depths": args.depths} if args.depths else {}),
+                         **({"trials": args.trials} if args.trials else {})})
         if kind == "downstream":
             if not args.task:
                 raise AttnlabError("downstream needs at least one --task NAME=PATH")

@@ -32,7 +32,7 @@ from attnlab.config.model import ModelConfig
 from attnlab.config.variants import stored_fields
 from attnlab.config.bench import validate_benchmarks
 from attnlab.config.cache import CacheConfig
-from attnlab.config.upcycle import DistillConfig, SurgeryConfig
+from attnlab.config.upcycle import DistillConfig, RetrofitConfig, SurgeryConfig
 from attnlab.config.verify import VerifyConfig
 from attnlab.config.train import TrainConfig
 from attnlab.errors import ConfigError
@@ -63,6 +63,7 @@ class ResolvedRun:
     teacher: str | None = None      # a model source path, or "run:<id>" of an earlier run in the group
     init_from: str | None = None
     surgery: SurgeryConfig | None = None
+    retrofit: RetrofitConfig | None = None
     distill: DistillConfig | None = None
     verify: VerifyConfig | None = None
 
@@ -703,17 +704,19 @@ def _source_config(ref: str, where: str, earlier: dict[str, ModelConfig]) -> Mod
 
 
 def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConfig], context: dict | None = None):
-    """(model config, train config | None, surgery, distill) for the run's mode."""
+    """(model config, train config | None, surgery, retrofit, distill) for the run's mode."""
     mode = run.mode
     needs = {"import": ("teacher",), "upcycle": ("teacher", "surgery"), "blockwise": ("teacher", "init_from"),
-             "finetune": ("teacher", "init_from"), "train": ()}[mode]
+             "finetune": ("teacher", "init_from"), "retrofit": ("teacher", "retrofit"), "train": ()}[mode]
     for key in needs:
         if getattr(run, key) is None:
             raise ConfigError(f"{prefix}.{key}", f"mode {mode!r} needs '{key}'", show_value=False)
-    for key in ("teacher", "init_from", "surgery"):
+    for key in ("teacher", "init_from", "surgery", "retrofit"):
         if key not in needs and getattr(run, key) is not None and not (key == "teacher" and mode == "train"):
             raise ConfigError(f"{prefix}.{key}", f"mode {mode!r} takes no '{key}'", getattr(run, key))
     surgery = validate_section(SurgeryConfig, run.surgery, f"{prefix}.surgery") if run.surgery is not None else None
+    retrofit = (validate_section(RetrofitConfig, run.retrofit, f"{prefix}.retrofit")
+                if run.retrofit is not None else None)
     distill = validate_section(DistillConfig, run.distill, f"{prefix}.distill")
     if mode == "train":
         model = validate_section(ModelConfig, sections["model"], f"{prefix}.model", context)
@@ -728,10 +731,22 @@ def _resolve_mode(run, sections: dict, prefix: str, earlier: dict[str, ModelConf
             model = _source_config(run.teacher, f"{prefix}.teacher", earlier)
         if mode == "upcycle":
             model = _student_config(model, surgery, f"{prefix}.surgery")
+        if mode == "retrofit":
+            model = _retrofit_config(model, retrofit, f"{prefix}.retrofit")
     train = None
     if mode in ("train", "blockwise", "finetune"):
         train = validate_section(TrainConfig, sections["train"], f"{prefix}.train", context)
-    return model, train, surgery, distill
+    return model, train, surgery, retrofit, distill
+
+
+def _retrofit_config(teacher: ModelConfig, retrofit: RetrofitConfig, where: str) -> ModelConfig:
+    """The retrofitted model's config; a refused retrofit is a one-line error under ``where``."""
+    from attnlab.convert.butterfly import retrofit_config
+
+    try:
+        return retrofit_config(teacher, **retrofit.options())
+    except ConfigError as err:
+        raise ConfigError(where, str(err), show_value=False) from None
 
 
 def _student_config(teacher: ModelConfig, surgery: SurgeryConfig, where: str) -> ModelConfig:
@@ -771,11 +786,20 @@ def resolve_data_path(value: Any, base_dir: Path) -> Any:
     return str(resolved)
 
 
+def _check_mix_length(data: DataConfig, model: ModelConfig, train, prefix: str) -> None:
+    """A ``retrieval_mix`` document (length + 1 tokens) is exactly one training window."""
+    window = train.seq_len if train is not None and train.seq_len else model.block_size
+    if data.retrieval_mix.length != window:
+        which = "train.seq_len" if train is not None and train.seq_len else "model.block_size"
+        raise ConfigError(f"{prefix}.data.retrieval_mix.length", f"must equal the training window ({which} = "
+                          f"{window}) so that every window is one whole document", data.retrieval_mix.length)
+
+
 def check_data_paths(plan: Plan) -> None:
     """``ConfigError`` (one line, naming the key and the resolved path) for the first run whose
-    ``data.path`` (sources ``tokens``/``text``) does not exist."""
+    ``data.path`` (sources ``tokens``/``text``/``retrieval_mix``) does not exist."""
     for run in plan.runs:
-        if run.data.source in ("tokens", "text") and run.data.path and not Path(run.data.path).exists():
+        if run.data.source in ("tokens", "text", "retrieval_mix") and run.data.path and not Path(run.data.path).exists():
             raise ConfigError(f"groups({run.group}).runs({run.run_id}).data.path",
                               f"{run.data.path} does not exist (a relative data.path resolves against "
                               f"the manifest's folder); prepare it with `attnlab prepare` or fix the path",
@@ -793,10 +817,12 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
         if isinstance(sections.get("data"), dict) and "path" in sections["data"]:  # overrides: cwd-relative
             sections["data"]["path"] = resolve_data_path(sections["data"]["path"], base_dir or Path.cwd())
         sections = _apply_parsed(sections, post)
-        model, train, surgery, distill = _resolve_mode(run, sections, prefix, earlier, context)
+        model, train, surgery, retrofit, distill = _resolve_mode(run, sections, prefix, earlier, context)
         data = validate_section(DataConfig, sections["data"], f"{prefix}.data")
         if data.source == "teacher" and run.teacher is None:
             raise ConfigError(f"{prefix}.data.source", "'teacher' samples need the run's 'teacher'", "teacher")
+        if data.source == "retrieval_mix":
+            _check_mix_length(data, model, train, prefix)
         cache = validate_section(CacheConfig, sections["cache"], f"{prefix}.cache")
         _check_cache_fields(cache, model, f"{prefix}.cache")
         verify = validate_section(VerifyConfig, run.verify, f"{prefix}.verify") if run.verify is not None else None
@@ -805,6 +831,7 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
                     for s, cfg in zip(SECTIONS, (model, data, train, cache))}
         resolved["run"] = {"mode": run.mode, "teacher": run.teacher, "init_from": run.init_from,
                            "surgery": surgery.model_dump(mode="json") if surgery else None,
+                           "retrofit": retrofit.model_dump(mode="json") if retrofit else None,
                            "distill": distill.model_dump(mode="json"),
                            "verify": verify.model_dump(mode="json") if verify else None}
         earlier[run.id] = model
@@ -813,6 +840,6 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
             model=model, data=data, train=train, cache=cache,
             run_dir=out_root / spec.name / group.name / run.id, resolved=resolved,
             mode=run.mode, teacher=run.teacher, init_from=run.init_from, surgery=surgery,
-            distill=distill, verify=verify,
+            retrofit=retrofit, distill=distill, verify=verify,
         ))
     return out

@@ -82,11 +82,13 @@ def check_plan_paths(plan: "Plan") -> None:
 
 def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, stop_after: int | None = None,
                 splits=None, model_config=None, model_factory=None, objective=None, trainable=None,
-                align: int = 1) -> RunResult:
+                align: int | None = None) -> RunResult:
     """Train ``run`` in ``run.run_dir``, resuming from its ``last.pt`` when ``resume`` (a finished
     run returns its results without training). ``splits``: preloaded ``TokenSplits`` to reuse.
     Distillation passes the student's real ``model_config``, a ``model_factory`` that loads its
     starting weights, the ``objective`` and which parameters are ``trainable``.
+    ``align``: window starts are multiples of it (fixed-length documents); default the splits' own
+    (``TokenSplits.align``: a ``retrieval_mix`` source's document length, else 1).
 
     The run folder is locked for the whole run (a second process gets a one-line error naming
     this one's pid). Its records (``command.txt``, ``resolved_config.json``, ``env.json``) are
@@ -103,6 +105,7 @@ def execute_run(run: "ResolvedRun", command: str = "", *, resume: bool = True, s
     with distributed_session(device) as info, run_lock(run, info), OneLineOSErrors(str(run_dir)):
         splits = splits if splits is not None else load_run_data(run, info)
         seq_len = _sequence_length(run, splits)
+        align = getattr(splits, "align", 1) if align is None else align
         ckpt = _resume_checkpoint(run, splits.description, info, model_config) if resume else None
         _, TrainBatches, eval_batches = _data_api()
         batches = TrainBatches(splits.train, cfg.batch_size, seq_len, cfg.seed,

@@ -233,7 +233,8 @@ class RunFolder:
     def heldout_tokens(self, *, with_align: bool = False):
         """The held-out split the run was evaluated on (from ``resolved_config.json``; for data
         sampled from a teacher, from the token file recorded in ``heldout.json``). With
-        ``with_align``: ``(tokens, align)`` where align > 1 means fixed-length documents."""
+        ``with_align``: ``(tokens, align)`` where align > 1 means fixed-length documents (teacher
+        samples, ``retrieval_mix``)."""
         from attnlab.data import load_splits
 
         cfg = self.resolved_config()
@@ -246,8 +247,8 @@ class RunFolder:
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
             raise CheckpointError(f"{self.resolved_config_path}: model.vocab_size must be a positive integer "
                                   f"(got {vocab!r})")
-        tokens = load_splits(data, vocab, self.data_cache_dir(data)).val
-        return (tokens, 1) if with_align else tokens
+        splits = load_splits(data, vocab, self.data_cache_dir(data))
+        return (splits.val, splits.align) if with_align else splits.val
 
     def _heldout_from_pointer(self, with_align: bool):
         """The held-out tokens ``heldout.json`` points at: ``{"path", "val_start", "align"}``, checked."""

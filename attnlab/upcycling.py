@@ -1,5 +1,5 @@
 """Runs that start from an existing model: ``import`` (copy a teacher in), ``upcycle`` (attention
-surgery standard -> DBA), ``blockwise`` and ``finetune`` (distillation from the teacher, through
+surgery standard -> DBA), ``retrofit`` (zero-training Butterfly attention, same weights), ``blockwise`` and ``finetune`` (distillation from the teacher, through
 the regular trainer: checkpoints and exact resume), each optionally verified against the teacher."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from attnlab.api import load
 from attnlab.config.data import DataConfig
+from attnlab.convert.butterfly import retrofit_butterfly
 from attnlab.convert.surgery import upcycle
 from attnlab.data import TrainBatches, eval_batches, load_splits
 from attnlab.errors import AttnlabError
@@ -98,7 +99,8 @@ def run_splits(run: "ResolvedRun", teacher):
     data = run.data
     cache_dir = data_cache_dir(data, run.run_dir)
     if data.source != "teacher":
-        return load_splits(data, run.model.vocab_size, cache_dir), 1
+        splits = load_splits(data, run.model.vocab_size, cache_dir)
+        return splits, splits.align  # retrieval_mix: fixed-length documents too
     path = teacher_samples_file(run, teacher, cache_dir)
     align = data.teacher_samples.length or teacher.config.block_size
     data = DataConfig.model_validate({**data.model_dump(exclude={"teacher_samples", "source"}, exclude_unset=True),
@@ -130,6 +132,9 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
     folder = RunFolder(run.run_dir)
     run_dir, done = folder.path, folder.best
     fingerprint = source_fingerprint(run.teacher, run)
+    if run.retrofit is not None:  # other retrofit options: another model from the same teacher
+        options = json.dumps(run.retrofit.model_dump(mode="json"), sort_keys=True)
+        fingerprint += ":" + hashlib.sha256(options.encode()).hexdigest()[:16]
     if resume and done.is_file() and folder.events_path.is_file():
         previous = folder.read_checkpoint(done)
         if previous.get("source_fingerprint") == fingerprint:
@@ -143,6 +148,11 @@ def _convert(run: "ResolvedRun", command: str, teacher, splits, device, resume: 
     extra: dict = {"source": run.teacher, "source_fingerprint": fingerprint}
     if run.mode == "import":
         model = teacher
+    elif run.mode == "retrofit":
+        model = retrofit_butterfly(teacher, **run.retrofit.options())
+        r = run.retrofit
+        print(f"{run.key}: {r.kind} retrofit of {run.teacher} (window {r.window}, block {r.block_size}, "
+              f"{r.partner}, layers {r.layers}), no training", flush=True)
     else:
         calibration = None
         if run.surgery.calibration_batches:
@@ -202,7 +212,7 @@ def _execute_mode_run(run: "ResolvedRun", command: str, *, info: DistInfo, resum
     device = resolve_device(run.train.device if run.train else "auto", info)
     teacher = load_ref(run.teacher, run, device).eval()
     splits, align = run_splits(run, teacher)
-    if run.mode in ("import", "upcycle"):
+    if run.mode in ("import", "upcycle", "retrofit"):
         model, val_loss = _convert(run, command, teacher, splits, device, resume, align)
         result = _result(run, model, val_loss)
     else:

@@ -415,12 +415,13 @@ def _doc_text() -> str:
 
 def test_docs_mention_every_config_field():
     from attnlab.config import attention, cache, data, manifest as mcfg, model, train, upcycle, verify
+    from attnlab.nn.attention.butterfly import ButterflyAttentionConfig
     from attnlab.nn.attention.mla import MLAAttentionConfig
-    classes = [MLAAttentionConfig, attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
+    classes = [MLAAttentionConfig, ButterflyAttentionConfig, upcycle.RetrofitConfig, attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
                attention.DecoupledAttentionConfig, attention.RopeConfig, attention.Llama3RopeScaling,
                model.ModelConfig, model.MLPConfig, model.LayerOverride, model.BlockNode, model.AttentionNode,
                model.MLPNode, model.NormNode, model.SequentialNode, model.ResidualNode, model.ParallelNode,
-               model.RepeatNode, data.DataConfig, data.TokenizerConfig, train.TrainConfig, cache.CacheConfig,
+               model.RepeatNode, data.DataConfig, data.TokenizerConfig, data.RetrievalMix, train.TrainConfig, cache.CacheConfig,
                upcycle.SurgeryConfig, upcycle.DistillConfig, upcycle.TeacherSamples, verify.VerifyConfig,
                verify.VerifyCase, verify.Thresholds,
                mcfg.ManifestSpec, mcfg.GroupSpec, mcfg.RunSpec, mcfg.ManifestDefaults]

@@ -114,3 +114,31 @@ def test_execute_plan_loads_shared_data_once(tmp_path, monkeypatch):
     assert [r.run_id for r in results] == ["a", "b"] and len(calls) == 1
     assert results[0].val_loss != results[1].val_loss
     assert all((r.run_dir / "best.pt").is_file() for r in results)
+
+
+def test_retrieval_mix_run_trains_on_whole_documents(tmp_path, monkeypatch):
+    """``source: retrieval_mix``: the trainer's windows start at document starts (the splits'
+    ``align``) and the run folder's held-out tokens come back with the same alignment."""
+    import attnlab.data as data_mod
+    from attnlab.runfolder import RunFolder
+
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time a fox met an owl who sang songs by the hill. " * 60)
+    data = DataConfig.model_validate({"source": "retrieval_mix", "path": str(text), "val_fraction": 0.2,
+                                      "retrieval_mix": {"length": 160, "documents": 12, "heldout_documents": 4,
+                                                        "kinds": ["passkey"]}})
+    seen = []
+
+    class Recording(data_mod.TrainBatches):
+        def offsets(self, step, micro):
+            out = super().offsets(step, micro)
+            seen.append(out)
+            return out
+
+    monkeypatch.setattr(data_mod, "TrainBatches", Recording)
+    run = make_run(tmp_path / "out", "mix", model=model_config(vocab_size=256, block_size=160), data=data,
+                   train=train_config(steps=2, eval_every=2, log_every=1, batch_size=2))
+    result = execute_run(run, "attnlab run mix.yml")
+    assert result.steps == 2 and seen and all((o % 161 == 0).all() for o in seen)
+    tokens, align = RunFolder(run.run_dir).heldout_tokens(with_align=True)
+    assert align == 161 and len(tokens) == 4 * 161

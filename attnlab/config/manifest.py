@@ -74,6 +74,7 @@ class RunSpec(StrictModel):
     teacher: str | None = Field(None, description="model source or run:<id>: the model imported, upcycled or distilled from")
     init_from: str | None = Field(None, description="blockwise/finetune: the student's starting weights (run:<id> or a source)")
     surgery: dict[str, Any] | None = None
+    retrofit: dict[str, Any] | None = None
     distill: dict[str, Any] = Field(default_factory=dict)
     verify: dict[str, Any] | None = None
 

@@ -54,7 +54,7 @@ def _check_size(value, key: str, context: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, "must be a positive integer", value)
     if value > context:
-        raise ConfigError(key, f"is larger than the model's context ({context})", value)
+        raise ConfigError(key, f"must not exceed the model's context ({context})", value)
     return value
 
 

@@ -6,13 +6,17 @@
   ``bin_dtype``); a ``<name>.json`` sidecar from :func:`~attnlab.data.prepare.prepare`, when
   present, names the tokenizer and is checked against the file;
 - ``text``: a text file, a folder or a ``.jsonl`` file, tokenized once into ``cache_dir``;
-- ``embedded``: the interpreter's standard library (:mod:`attnlab.data.corpus`), likewise cached.
+- ``embedded``: the interpreter's standard library (:mod:`attnlab.data.corpus`), likewise cached;
+- ``retrieval_mix``: the text at ``path`` (tokenized and cached as for ``text``) mixed with
+  synthetic retrieval tasks into fixed-length documents (:mod:`attnlab.data.retrieval_mix`),
+  cached; the splits are its train and held-out documents and ``align`` their length.
 
 The cache key hashes the inputs (resolved path, size, mtime of every file), the tokenizer type,
 ``max_tokens`` and ``text_field``; a re-run with the same inputs reuses the token file.
 ``max_tokens`` also caps a ``tokens`` source (its first ``max_tokens`` tokens).
 
-The last ``val_fraction`` of the tokens (at least one) is the validation split; the rest is train.
+The last ``val_fraction`` of the tokens (at least one) is the validation split; the rest is train
+(``retrieval_mix``: the separately built held-out documents).
 Token ids are checked against the model's vocabulary with a chunked, vectorised scan.
 """
 
@@ -30,8 +34,9 @@ from pydantic import ValidationError
 from attnlab.config.data import DataConfig, TokenizerConfig
 from attnlab.data.corpus import embedded_corpus_files, embedded_description, stdlib_root
 from attnlab.data.prepare import SIDECAR_FORMAT, ProgressFn, prepare_files, sidecar_path
+from attnlab.data.retrieval_mix import mix_file
 from attnlab.data.sources import InputFile, collect_inputs, inputs_fingerprint
-from attnlab.data.tokenizers import VOCAB_SIZES
+from attnlab.data.tokenizers import VOCAB_SIZES, build_tokenizer
 from attnlab.errors import DataError
 
 NPY_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
@@ -46,6 +51,7 @@ class TokenSplits:
     tokenizer: TokenizerConfig | None  # None for a raw token file without sidecar
     description: str  # human-readable provenance
     path: Path | None = None  # the token file behind the splits
+    align: int = 1  # > 1: fixed-length documents of this many tokens; windows start at their starts
 
 
 def open_tokens(path: Path, bin_dtype: str = "uint16") -> np.ndarray:
@@ -194,7 +200,7 @@ def load_splits(cfg: DataConfig, model_vocab_size: int, cache_dir: Path, *,
     reports tokenization when a ``text``/``embedded`` source is not cached yet.
     """
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cache_dir)
-    capped = False
+    capped, split_at, align = False, None, 1
     if cfg.source == "tokens":
         path = Path(cfg.path).expanduser()
         tokens = open_tokens(path, cfg.bin_dtype)
@@ -207,11 +213,16 @@ def load_splits(cfg: DataConfig, model_vocab_size: int, cache_dir: Path, *,
             tokens, capped = tokens[: cfg.max_tokens], True
         label = f"tokens:{path}"
     else:
-        if cfg.source == "text":
+        if cfg.source in ("text", "retrieval_mix"):
             source = Path(cfg.path).expanduser()
             files = collect_inputs([source])
             label = f"text:{source}"
             path = _prepared_file("text", files, [str(source.resolve())], cfg, cache, label, progress)
+            if cfg.source == "retrieval_mix":
+                mix = cfg.retrieval_mix
+                path = mix_file(build_tokenizer(cfg.tokenizer, key="data.tokenizer.path"), cfg.tokenizer, mix,
+                                open_tokens(path), cfg.val_fraction, cache, str(source))
+                align, split_at = mix.length + 1, (mix.length + 1) * mix.documents
         else:
             found = embedded_corpus_files()
             if not found:
@@ -225,6 +236,8 @@ def load_splits(cfg: DataConfig, model_vocab_size: int, cache_dir: Path, *,
         tok_cfg = cfg.tokenizer
         if cfg.source == "embedded":
             label = embedded_description(sidecar["num_documents"])
+        if cfg.source == "retrieval_mix":
+            label = sidecar["description"]
 
     lo, hi, sha = scan_tokens(tokens)
     if sidecar is not None and not capped and sidecar.get("tokens_sha256") not in (None, sha):
@@ -239,7 +252,13 @@ def load_splits(cfg: DataConfig, model_vocab_size: int, cache_dir: Path, *,
     if hi >= vocab:
         raise DataError(f"token id {hi} in {path} is outside tokenizer {tok_cfg.type}'s vocabulary ({vocab})")
 
-    train, val = split_tokens(tokens, cfg.val_fraction, where=str(path))
+    if split_at is None:
+        train, val = split_tokens(tokens, cfg.val_fraction, where=str(path))
+    else:  # retrieval_mix: train documents, then the held-out ones
+        if len(tokens) != split_at + align * cfg.retrieval_mix.heldout_documents:
+            raise DataError(f"{path} has {len(tokens)} tokens, not the {split_at} + {len(tokens) - split_at} "
+                            "its documents need")
+        train, val = tokens[:split_at], tokens[split_at:]
     parts = [f"{_format_count(len(tokens))} tokens"]
     if tok_cfg is not None:
         parts.append(tok_cfg.type)
@@ -249,7 +268,7 @@ def load_splits(cfg: DataConfig, model_vocab_size: int, cache_dir: Path, *,
     else:
         description = f"{label} ({', '.join(parts)}; from {sidecar.get('description', '?')})"
     return TokenSplits(train=train, val=val, vocab_size=vocab, tokenizer=tok_cfg,
-                       description=description, path=path)
+                       description=description, path=path, align=align)
 
 
 class TrainBatches:

@@ -61,7 +61,7 @@ def test_stage_by_swapped_layers():
 
 
 @pytest.mark.parametrize("options,needle", [
-    ({"window": 0}, "window"), ({"block_size": 1000}, "larger than the model's context"),
+    ({"window": 0}, "window"), ({"block_size": 1000}, "must not exceed the model's context"),
     ({"window": 2.5}, "window"), ({"partner": "nearest"}, "partner"), ({"stage_by": "depth"}, "stage_by"),
 ])
 def test_bad_options_are_one_line_errors(options, needle):
