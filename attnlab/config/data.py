@@ -40,6 +40,8 @@ class RetrievalMix(StrictModel):
                                         "[min_task_length, the longest that fits], the document's rest is text; "
                                         "default: every task fills its document")
     terminator: str = Field(".", min_length=1, description="text after the answer")
+    follow_up: bool = Field(False, description="multikey tasks also ask about every other key (with answers) "
+                                              "after the first answer: more answer tokens per document")
     header: bool = True
     seed: int = Field(0, ge=0, lt=2 ** 31)
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from attnlab.config.data import RetrievalMix, TokenizerConfig
 from attnlab.data.prepare import SIDECAR_FORMAT, output_dtype, sidecar_path, write_json_atomic
-from attnlab.data.retrieval_tasks import DEFAULT_NUM_KEYS, make_task
+from attnlab.data.retrieval_tasks import DEFAULT_NUM_KEYS, follow_up, make_task
 from attnlab.errors import ConfigError, DataError
 from attnlab.fsutil import atomic_write_bytes
 
@@ -94,7 +94,8 @@ def _suffix_length(tokenizer, mix: RetrievalMix, kind: str, seed: int) -> int:
     """Tokens after the prompt: the answer (which depends on the seed, not the length) plus the
     terminator."""
     probe = _task(tokenizer, mix, kind, mix.length + 1, 0.0, seed, [0])
-    return len(probe.answer) + len(tokenizer.encode(mix.terminator))
+    extra = len(follow_up(tokenizer, probe, mix.terminator)) if mix.follow_up else 0
+    return len(probe.answer) + len(tokenizer.encode(mix.terminator)) + extra
 
 
 def _keys(mix: RetrievalMix, kind: str) -> int:
@@ -133,7 +134,8 @@ def build_document(tokenizer, mix: RetrievalMix, spec: DocumentSpec, text: np.nd
         return np.asarray(text[spec.text_offset: spec.text_offset + size], dtype=np.int64)
     task = _task(tokenizer, mix, spec.kind, spec.task_length, spec.depth, spec.task_seed,
                  None if spec.sentences else text)
-    head = np.asarray(task.prompt + task.answer + tuple(tokenizer.encode(mix.terminator)), dtype=np.int64)
+    extra = tuple(follow_up(tokenizer, task, mix.terminator)) if mix.follow_up else ()
+    head = np.asarray(task.prompt + task.answer + tuple(tokenizer.encode(mix.terminator)) + extra, dtype=np.int64)
     rest = np.asarray(text[spec.text_offset: spec.text_offset + size - len(head)], dtype=np.int64)
     doc = np.concatenate([head, rest])
     assert len(doc) == size, (len(doc), size)

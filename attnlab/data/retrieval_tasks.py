@@ -9,8 +9,8 @@ tasks. A prompt is built from separately encoded pieces, so its length in tokens
 
     [header] | filler[:a] | needle | filler[a:H] | question        answer = encode(" <digits>")
 
-The needle contents and the filler offset depend on ``(seed, kind, num_keys, num_digits)`` only,
-not on the length or depth; the distractor positions also depend on the length.
+The needle contents depend on ``(seed, kind, num_keys, num_digits)`` only, the filler offset on
+those and the filler's length, not on the task's length or depth; the distractor positions also depend on the length.
 """
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ class RetrievalTask:
     answer_text: str             # the digits
     needle_start: int            # token index of the queried needle in the prompt
     key: str | None = None       # multikey: the queried key's name
+    pairs: tuple[tuple[str, str], ...] = ()  # multikey: every (name, value) in the haystack, needle order
+
+
+def follow_up(tokenizer, task: RetrievalTask, terminator: str) -> list[int]:
+    """Further question/answer pairs about a multikey task's other keys (a training document's
+    denser signal; the benchmark asks one question): ``" What is the value of key <name>? The
+    value of key <name> is <digits><terminator>"`` for each key but the queried one, in needle
+    order. Empty for passkey."""
+    out: list[int] = []
+    for name, value in task.pairs:
+        if name != task.key:
+            out += tokenizer.encode(f" What is the value of key {name}? The value of key {name} is {value}{terminator}")
+    return out
 
 
 def _check_kind(kind) -> str:
@@ -107,7 +120,8 @@ def make_task(tokenizer, kind: str, length: int, depth: float, *, seed: int = 0,
     num_digits = _check_int(num_digits, "num_digits", 1)
     rng = np.random.default_rng([seed, KIND_INDEX[kind], num_keys, num_digits])
     stream = _filler_stream(tokenizer, filler)
-    offset = int(rng.integers(0, len(stream)))
+    # the filler offset from its own stream: the needles must not depend on the filler's length
+    offset = int(np.random.default_rng([seed, KIND_INDEX[kind], num_keys, num_digits, 1]).integers(0, len(stream)))
     if kind == "passkey":
         values, names, query = [_digits(rng, num_digits)], [None], 0
         needles = [f" The pass key is {values[0]}. Remember it."]
@@ -152,7 +166,8 @@ def make_task(tokenizer, kind: str, length: int, depth: float, *, seed: int = 0,
     return RetrievalTask(kind=kind, length=length, depth=depth,
                          depth_actual=float(spots[query]) / haystack if haystack else 0.0, seed=seed, num_keys=num_keys,
                          prompt=tuple(int(t) for t in prompt), answer=tuple(int(t) for t in answer),
-                         answer_text=values[query], needle_start=needle_start, key=names[query])
+                         answer_text=values[query], needle_start=needle_start, key=names[query],
+                         pairs=tuple(zip(names, values)) if kind == "multikey" else ())
 
 
 __all__ = ["DEFAULT_NUM_KEYS", "FILLER_SENTENCES", "HEADERS", "KEY_NAMES", "KINDS", "KIND_INDEX", "RetrievalTask",

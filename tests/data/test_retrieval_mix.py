@@ -175,3 +175,25 @@ def test_build_document_text_window():
     spec = document_spec(TOK, m, "train", next(i for i in range(40) if i not in set(task_indices(m, "train"))),
                          len(text))
     assert build_document(TOK, m, spec, text).tolist() == text[spec.text_offset: spec.text_offset + 401].tolist()
+
+
+def test_follow_up_questions_ask_about_every_other_key():
+    m = mix(length=512, task_fraction=1.0, kinds=["multikey"], follow_up=True, min_task_length=260)
+    text = text_tokens()
+    spec = document_spec(TOK, m, "train", 0, len(text))
+    doc = build_document(TOK, m, spec, text)
+    assert len(doc) == 513
+    task = make_task(TOK, "multikey", spec.task_length, spec.depth, seed=spec.task_seed, num_keys=4,
+                     filler=None if spec.sentences else text)
+    decoded = TOK.decode(doc.tolist())
+    assert decoded.startswith(TOK.decode(list(task.prompt + task.answer)) + ".")
+    tail = decoded[len(TOK.decode(list(task.prompt + task.answer))):]
+    for name, value in task.pairs:  # the queried key was answered right after the prompt
+        assert (f"The value of key {name} is {value}." in tail) == (name != task.key)
+    assert len(task.pairs) == 4
+
+
+def test_needles_do_not_depend_on_the_filler():
+    a = make_task(TOK, "multikey", 300, 0.3, seed=5, num_keys=4, filler=[1, 2, 3])
+    b = make_task(TOK, "multikey", 300, 0.3, seed=5, num_keys=4, filler=text_tokens())
+    assert a.pairs == b.pairs and a.key == b.key and a.answer == b.answer

@@ -133,6 +133,12 @@ def _flex_kernel(device: torch.device):
     if device.type != "cuda":
         return flex_attention
     if not _compiled:
+        # every distinct mask (a window, a butterfly rule and stage, ...) is one more
+        # specialisation of the same function: allow a model's worth of them
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), 64))
         _compiled.append(torch.compile(flex_attention, dynamic=False))
     return _compiled[0]
 
