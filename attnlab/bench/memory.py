@@ -75,8 +75,8 @@ def config_dims(cfg: ModelConfig) -> list[AttentionDims]:
 
 
 def analytic(dims: list[AttentionDims], policy: CachePolicy, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes per token of one sequence over all layers, fixed tail-ring bytes) from the
-    formats: the cache's own accounting, built on the meta device (no memory; the capacity does
+    """(bytes per token of one sequence over all layers, fixed bytes: the tail ring and any
+    window + summary layer's window pool and running sums) from the formats: the cache's own accounting, built on the meta device (no memory; the capacity does
     not change either number)."""
     policy.check_fields(dims)
     meta = torch.device("meta")

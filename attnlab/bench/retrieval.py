@@ -19,8 +19,8 @@ position as a fraction of the haystack; ``task.depth_actual = a / H``). Kinds:
   value of key <name> is"``); the others (distractors) sit at seeded random haystack positions.
 
 The filler is the cycled neutral sentences of ``FILLER_SENTENCES`` or a given token stream (e.g.
-held-out text) read from a seeded offset, wrapping around. The needle contents depend on
-``(seed, kind, num_keys, num_digits)`` only (the filler offset also on the filler's length), not on
+held-out text) read from a seeded offset, wrapping around. The needle contents and the
+filler offset depend on ``(seed, kind, num_keys, num_digits)`` and the filler's length only, not on
 the length or depth, so a
 depth/length sweep of one trial index moves the same needle through the haystack (paired
 comparisons); the distractor positions also depend on the length.

@@ -90,10 +90,12 @@ def _task(tokenizer, mix: RetrievalMix, kind: str, length: int, depth: float, se
                           getattr(mix, key), show_value=False) from None
 
 
-def _suffix_length(tokenizer, mix: RetrievalMix, kind: str, seed: int) -> int:
+def _suffix_length(tokenizer, mix: RetrievalMix, kind: str, seed: int, filler) -> int:
     """Tokens after the prompt: the answer (which depends on the seed, not the length) plus the
-    terminator."""
-    probe = _task(tokenizer, mix, kind, mix.length + 1, 0.0, seed, [0])
+    terminator, plus the follow-up questions with ``follow_up``. The needles depend on the
+    filler's length (``make_task`` draws the filler offset first), so the probe takes the
+    document's own filler when the follow-ups (whose key names vary in length) are counted."""
+    probe = _task(tokenizer, mix, kind, mix.length + 1, 0.0, seed, filler if mix.follow_up else [0])
     extra = len(follow_up(tokenizer, probe, mix.terminator)) if mix.follow_up else 0
     return len(probe.answer) + len(tokenizer.encode(mix.terminator)) + extra
 
@@ -103,7 +105,7 @@ def _keys(mix: RetrievalMix, kind: str) -> int:
 
 
 def document_spec(tokenizer, mix: RetrievalMix, split: str, index: int, text_len: int,
-                  tasks: set[int] | None = None) -> DocumentSpec:
+                  tasks: set[int] | None = None, text: np.ndarray | None = None) -> DocumentSpec:
     """Document ``index`` of ``split`` (``text_len``: tokens of that split's text; ``tasks``:
     :func:`task_indices`, computed when not given)."""
     tasks = set(task_indices(mix, split).tolist()) if tasks is None else tasks
@@ -117,7 +119,9 @@ def document_spec(tokenizer, mix: RetrievalMix, split: str, index: int, text_len
     if index not in tasks:
         return DocumentSpec(split, index, None, text_offset=offset)
     seed = task_seed(mix, split, index)
-    longest = size - _suffix_length(tokenizer, mix, kind, seed)
+    if mix.follow_up and not sentences and text is None:
+        raise ValueError("document_spec: follow-up questions over text fillers need the split's text")
+    longest = size - _suffix_length(tokenizer, mix, kind, seed, None if sentences else text)
     shortest = longest if mix.min_task_length is None else mix.min_task_length
     if shortest > longest:
         raise ConfigError(f"{_KEY}.min_task_length", f"leaves no room for the answer and terminator in documents of "
@@ -159,7 +163,7 @@ def mix_documents(tokenizer, mix: RetrievalMix, text: np.ndarray, split: str) ->
     n = num_documents(mix, split)
     out = np.empty((n, mix.length + 1), dtype=np.int64)
     for i in range(n):
-        out[i] = build_document(tokenizer, mix, document_spec(tokenizer, mix, split, i, len(text), tasks), text)
+        out[i] = build_document(tokenizer, mix, document_spec(tokenizer, mix, split, i, len(text), tasks, text), text)
     return out
 
 
@@ -168,7 +172,10 @@ def mix_file(tokenizer, tok_cfg: TokenizerConfig, mix: RetrievalMix, text: np.nd
     """Build (or reuse) the cached ``.npy`` of train then held-out documents, with its sidecar."""
     text = np.asarray(text)
     text_sha = hashlib.sha256(np.ascontiguousarray(text, dtype=np.int64).tobytes()).hexdigest()
-    key_src = {"format": MIX_FORMAT, "mix": mix.model_dump(mode="json"), "tokenizer": tok_cfg.type,
+    dump = mix.model_dump(mode="json")
+    if not dump["follow_up"]:  # documents without follow-ups are what they were before the option existed
+        del dump["follow_up"]
+    key_src = {"format": MIX_FORMAT, "mix": dump, "tokenizer": tok_cfg.type,
                "val_fraction": val_fraction, "text_sha256": text_sha}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
     output = Path(cache_dir).expanduser() / f"retrieval-mix-{tok_cfg.type}-{key[:16]}.npy"

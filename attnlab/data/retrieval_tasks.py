@@ -9,8 +9,8 @@ tasks. A prompt is built from separately encoded pieces, so its length in tokens
 
     [header] | filler[:a] | needle | filler[a:H] | question        answer = encode(" <digits>")
 
-The needle contents depend on ``(seed, kind, num_keys, num_digits)`` only, the filler offset on
-those and the filler's length, not on the task's length or depth; the distractor positions also depend on the length.
+The needle contents and the filler offset depend on ``(seed, kind, num_keys, num_digits)`` and the
+filler's length only, not on the task's length or depth; the distractor positions also depend on the length.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ def make_task(tokenizer, kind: str, length: int, depth: float, *, seed: int = 0,
     num_digits = _check_int(num_digits, "num_digits", 1)
     rng = np.random.default_rng([seed, KIND_INDEX[kind], num_keys, num_digits])
     stream = _filler_stream(tokenizer, filler)
-    # the filler offset from its own stream: the needles must not depend on the filler's length
-    offset = int(np.random.default_rng([seed, KIND_INDEX[kind], num_keys, num_digits, 1]).integers(0, len(stream)))
+    offset = int(rng.integers(0, len(stream)))
     if kind == "passkey":
         values, names, query = [_digits(rng, num_digits)], [None], 0
         needles = [f" The pass key is {values[0]}. Remember it."]

@@ -443,10 +443,15 @@ def draw_retrieval(retrieval: Table | None, order: list[str] | None = None):
         return None
     order = _run_order(order, retrieval)
     styles = _styles(order)
-    panels = sorted({(str(r["kind"]), int(r["length"])) for r in rows})
+    kinds = sorted({str(r["kind"]) for r in rows})
+    lengths = sorted({int(r["length"]) for r in rows})
     policies = sorted({str(r.get("policy")) for r in rows})
     lines = _linestyles(policies)
-    fig, axes = _figure(len(panels), width=3.2, height=3.2)
+    # a grid: one row per task, one column per context length
+    fig, grid = _pyplot().subplots(len(kinds), len(lengths), figsize=(3.0 * len(lengths) + 2.6, 2.8 * len(kinds)),
+                                   squeeze=False, layout="constrained")
+    panels = [(kind, length) for kind in kinds for length in lengths]
+    axes = [grid[i][j] for i in range(len(kinds)) for j in range(len(lengths))]
     for ax, (kind, length) in zip(axes, panels):
         for run in order:
             for policy in policies:
