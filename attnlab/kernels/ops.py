@@ -15,7 +15,7 @@ import torch
 
 from attnlab.cache.kv import CacheStep
 
-OP_NAMESPACE = __name__.split(".")[0]  # torch.library namespace of this package's custom ops: the package name
+OP_LIBRARY = __package__.split(".")[0]  # the torch.library holding our custom ops, named after the package
 _ACTIVE: list = []  # [(ModelCache, max_length)] while a compiled forward runs
 
 
@@ -35,7 +35,7 @@ def _current():
     return _ACTIVE[-1]
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::cached_layer_attention", mutates_args=())
+@torch.library.custom_op(OP_LIBRARY + "::cached_layer_attention", mutates_args=())
 def cached_layer_attention(layer_index: int, names: str, scales: list[float], q: list[torch.Tensor],
                            fields: list[torch.Tensor], offsets: torch.Tensor, valid: torch.Tensor,
                            lengths: torch.Tensor, positions: torch.Tensor, null_k: list[torch.Tensor],
