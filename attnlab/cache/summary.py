@@ -150,18 +150,15 @@ class SummaryLayerCache:
                 self.ring[name].write_rows(b, slots, _rows(t[b:b + 1, :, first:n])[0])
             self.slot_position[b, slots] = positions
 
-    def ring_before(self, b: int, offset: int):
-        """Sequence b's window pool rows as (1, KV, R, d) keys and values with their positions
-        (R,), -1 for slots that are empty or hold a position >= ``offset``."""
-        pos = self.slot_position[b]
-        pos = torch.where(pos < offset, pos, torch.full_like(pos, -1))
-        return (self._heads(self.ring["k"].read(0, self.ring_size)[b:b + 1]),
-                self._heads(self.ring["v"].read(0, self.ring_size)[b:b + 1]), pos)
+    def stored_ring(self):
+        """The window pool as stored, every sequence: (B, KV, R, d) keys and values, and the slot
+        positions (B, R) (-1: empty)."""
+        return (self._heads(self.ring["k"].read(0, self.ring_size)),
+                self._heads(self.ring["v"].read(0, self.ring_size)), self.slot_position)
 
-    def summary_prefix(self, b: int, blocks: int):
-        """Summary rows of blocks 0..blocks-1 of sequence b -> (1, KV, blocks, d) each."""
-        return (self._heads(self.summaries["k"].read(0, blocks)[b:b + 1]),
-                self._heads(self.summaries["v"].read(0, blocks)[b:b + 1]))
+    def summary_prefix(self, blocks: int):
+        """Summary rows of blocks 0..blocks-1, every sequence -> (B, KV, blocks, d) each."""
+        return self._heads(self.summaries["k"].read(0, blocks)), self._heads(self.summaries["v"].read(0, blocks))
 
     # ------------------------------------------------------------------ bookkeeping
     def _heads(self, rows: torch.Tensor) -> torch.Tensor:

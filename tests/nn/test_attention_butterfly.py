@@ -165,7 +165,7 @@ def test_summaries_in_the_cache_are_the_block_means():
         for t in range(20, 43):
             rt.forward(ids[:, t:t + 1])
         proj = layer.project(seen["x"], torch.arange(43).unsqueeze(0))
-    got_k, got_v = rt.cache.layers[0].summary_prefix(0, 5)
+    got_k, got_v = rt.cache.layers[0].summary_prefix(5)  # batch of one
     for j in range(5):
         torch.testing.assert_close(got_k[:, :, j], proj.k[0][:, :, 8 * j:8 * j + 8].mean(2), atol=1e-12, rtol=0)
         torch.testing.assert_close(got_v[:, :, j], proj.v[:, :, 8 * j:8 * j + 8].mean(2), atol=1e-12, rtol=0)

@@ -271,16 +271,18 @@ class ButterflyAttention(StandardAttention):
         fields = {"k": k, "v": v}
         cache.append_chunk(step.host_offsets, step.host_valid, fields)  # summaries first
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+        ring_k, ring_v, ring_pos = cache.stored_ring()  # (B, KV, R, d), (B, R): read once per chunk
+        ends = [o + n for o, n in zip(step.host_offsets, step.host_valid)]
+        sum_k, sum_v = cache.summary_prefix(max(ends) // self.block_size)  # (B, KV, blocks, d)
         for b, (offset, n) in enumerate(zip(step.host_offsets, step.host_valid)):
             if n == 0:
                 continue
-            ring_k, ring_v, ring_pos = cache.ring_before(b, offset)  # (1, KV, R, d), (R,)
             blocks = (offset + n) // self.block_size
-            sum_k, sum_v = cache.summary_prefix(b, blocks)  # (1, KV, blocks, d)
-            keys = torch.cat([ring_k, k[b:b + 1, :, :n], sum_k], 2)
-            values = torch.cat([ring_v, v[b:b + 1, :, :n], sum_v], 2)
+            keys = torch.cat([ring_k[b:b + 1], k[b:b + 1, :, :n], sum_k[b:b + 1, :, :blocks]], 2)
+            values = torch.cat([ring_v[b:b + 1], v[b:b + 1, :, :n], sum_v[b:b + 1, :, :blocks]], 2)
             q_pos = torch.arange(offset, offset + n, device=q.device).view(-1, 1)
-            raw_pos = torch.cat([ring_pos, q_pos.view(-1)]).view(1, -1)
+            older = torch.where(ring_pos[b] < offset, ring_pos[b], torch.full_like(ring_pos[b], -1))
+            raw_pos = torch.cat([older, q_pos.view(-1)]).view(1, -1)
             raw_ok = (raw_pos >= 0) & (raw_pos <= q_pos) & (raw_pos > q_pos - self.window)
             sum_ok = summary_visible(q_pos, torch.arange(blocks, device=q.device).view(1, -1), window=self.window,
                                      block_size=self.block_size, rule=self.rule, stage=self.stage)
