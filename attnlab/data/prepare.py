@@ -2,7 +2,7 @@
 
 Inputs (text files, ``.jsonl`` files, folders) are read as documents by :mod:`attnlab.data.sources`.
 Documents are joined with the tokenizer's end-of-text token when it has one (GPT-2: 50256), else
-with the encoding of ``"\\n\\n"``. The token dtype is uint16 when the vocabulary fits, else uint32.
+with the encoding of ``"\\n\\n"``. The token dtype is the smallest of uint8, uint16 and uint32 that holds the vocabulary.
 
 The output is written to a temporary file in the same folder, fsynced and moved into place with
 ``os.replace``: a failure midway never leaves a partial token file. The sidecar ``<name>.json``
@@ -67,6 +67,8 @@ def sidecar_path(token_file: Path) -> Path:
 
 
 def output_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= 1 << 8:  # byte-level vocabularies: half the bytes on disk and in memory
+        return np.dtype(np.uint8)
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 

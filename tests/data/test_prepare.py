@@ -31,8 +31,8 @@ def test_prepare_text_file_and_sidecar(tmp_path):
     out = tmp_path / "out" / "tokens.npy"
     stats = prepare([src], out, BYTE, val_fraction=0.25)
     data = np.load(out)  # a regular .npy, readable without attnlab
-    assert data.dtype == np.uint16 and bytes(data.astype(np.uint8)) == src.read_bytes()
-    assert (stats.num_tokens, stats.num_documents, stats.dtype) == (13, 1, "uint16")
+    assert data.dtype == np.uint8 and bytes(data) == src.read_bytes()  # a byte vocabulary fits uint8
+    assert (stats.num_tokens, stats.num_documents, stats.dtype) == (13, 1, "uint8")
     assert stats.output == out and stats.num_val_tokens == 3 and stats.seconds >= 0
     side = json.loads(sidecar_path(out).read_text())
     assert sidecar_path(out).name == "tokens.json"
@@ -44,7 +44,7 @@ def test_prepare_text_file_and_sidecar(tmp_path):
 
 
 def test_output_dtype_by_vocab(tmp_path):
-    assert output_dtype(256) == np.uint16 and output_dtype(65536) == np.uint16
+    assert output_dtype(256) == np.uint8 and output_dtype(257) == np.uint16 and output_dtype(65536) == np.uint16
     assert output_dtype(65537) == np.uint32 and output_dtype(100_277) == np.uint32
 
 
