@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The GPU part of the Butterfly evaluation (issue 12), in one command:
-#   benchmarks/butterfly_retrieval_gpu.sh OUT [STEPS] [TEXT]
+#   benchmarks/butterfly_retrieval_gpu.sh OUT [STEPS] [TEXT] [key=value ...]
 # Runs configs/butterfly/retrieval_gpu.yml: trains the dense retrieval model for STEPS steps
-# (default 3000: 98M tokens, about 75 s on an H200 at 1.3M tokens/s), retrofits it zero-train to
-# Butterfly with four partner rules, benchmarks all five runs (retrieval, perplexity, agreement with
-# the dense model) and writes the group report; then copies the records, the report and the log to
-# OUT. TEXT: the text the mixture draws its haystacks and text documents from; default: built into
-# runs/butterfly_corpus.txt from ../shared/data/text (Shakespeare + WikiText-2 valid) and the
-# running Python's standard-library sources (about 7 MB: enough that 98M tokens do not memorise it).
+# (default 9000: 295M tokens, about 4 minutes on an H200 at 1.3M tokens/s), retrofits it zero-train
+# to Butterfly with four partner rules, benchmarks all five runs (retrieval, perplexity, agreement
+# with the dense model) and writes the group report. OUT receives run.log (every line time-stamped)
+# and records.tar (each run's bench records, the dense run's train.jsonl and resolved config, the
+# report folder). TEXT: the text the mixture draws its haystacks and text documents from; default:
+# built into runs/butterfly_corpus.txt from ../shared/data/text (Shakespeare + WikiText-2 valid) and
+# the running Python's standard-library sources (about 7 MB: enough that 295M tokens do not
+# memorise it). Further key=value arguments are manifest overrides (e.g. data.cache_dir=DIR to
+# reuse a retrieval mix built beforehand with the same text). TIME_LIMIT=SECONDS stops the run after
+# that long; the records written until then are still packed.
 set -u
-out=${1:?usage: butterfly_retrieval_gpu.sh OUT [STEPS] [TEXT]}
-steps=${2:-3000}
+out=${1:?usage: butterfly_retrieval_gpu.sh OUT [STEPS] [TEXT] [key=value ...]}
+steps=${2:-9000}
 text=${3:-}
+shift $(($# < 3 ? $# : 3))
 manifest=configs/butterfly/retrieval_gpu.yml
+group=runs/retrieval_gpu/retrofit
 mkdir -p "$out" runs
 if [ -z "$text" ]; then
   text=runs/butterfly_corpus.txt
@@ -25,12 +31,9 @@ parts += [f.read_text(encoding="utf-8", errors="ignore")
 pathlib.Path(sys.argv[1]).write_text("\n\n".join(parts), encoding="utf-8")
 PY
 fi
-attnlab run "$manifest" data.path="$text" train.steps="$steps" train.eval_every=$((steps / 4)) \
-  train.warmup_steps=$((steps / 15)) 2>&1 | tee "$out/run.log" | grep -v "^step " | grep -v "W1202" | tail -60
-for run in dense causal_shift xor random local_only; do
-  mkdir -p "$out/runs/$run"
-  cp runs/retrieval_gpu/retrofit/$run/bench/*.json "$out/runs/$run/" 2>/dev/null
-done
-cp runs/retrieval_gpu/retrofit/dense/train.jsonl "$out/runs/dense/" 2>/dev/null
-cp -r runs/retrieval_gpu/retrofit/report "$out/report" 2>/dev/null
+PYTHONUNBUFFERED=1 ${TIME_LIMIT:+timeout -s INT "$TIME_LIMIT"} attnlab run "$manifest" data.path="$text" train.steps="$steps" train.eval_every=$((steps / 6)) \
+  train.warmup_steps=$((steps / 15)) "$@" 2>&1 | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done \
+  | tee "$out/run.log" | grep -v -E '^[0-9:]+ step |W1202' | tail -60
+files=$(cd "$group" 2>/dev/null && ls -d */bench/*.json dense/train.jsonl dense/resolved_config.json report 2>/dev/null)
+[ -n "$files" ] && tar -C "$group" -cf "$out/records.tar" $files
 true
