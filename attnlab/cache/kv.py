@@ -164,11 +164,16 @@ class LayerCache:
 def layer_cache(dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int, device: torch.device,
                 dtype: torch.dtype):
     """The cache a layer with cache spec ``dims`` needs: ``LayerCache`` (every token), or
-    ``SummaryLayerCache`` (a window + block summaries) when ``dims.summaries``."""
+    ``SummaryLayerCache`` (a window + block summaries) when ``dims.summaries``, ``ChunkedLayerCache``
+    (boundary rows + window + recurrent states) when ``dims.chunks``."""
     if dims.summaries is not None:
         from attnlab.cache.summary import SummaryLayerCache
 
         return SummaryLayerCache(dims, policy, batch, capacity, device, dtype)
+    if dims.chunks is not None:
+        from attnlab.cache.chunked import ChunkedLayerCache
+
+        return ChunkedLayerCache(dims, policy, batch, capacity, device, dtype)
     return LayerCache(dims, policy, batch, capacity, device, dtype)
 
 

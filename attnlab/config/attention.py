@@ -109,6 +109,11 @@ class AttentionSpec(StrictModel):
         is built from; default: unchanged)."""
         return self
 
+    def for_model(self, context: int, num_layers: int) -> "AttentionSpec":
+        """This spec with anything derived from the model (context length, number of layers)
+        filled in; default: ``for_context``."""
+        return self.for_context(context)
+
     def approx_params(self, d_model: int) -> int:
         """Weights of the projections (biases and small extras ignored), from ``dims``; variants
         whose projections are not q/k/v/out of these widths override it."""
@@ -277,6 +282,18 @@ class SummaryLayout:
 
 
 @dataclass(frozen=True)
+class ChunkLayout:
+    """A cache that keeps key/value rows only at chunk boundaries plus a window of the newest
+    raw rows, and recurrent states (Attamba): chunks of ``chunk_size`` positions, ``window`` recent
+    positions besides the newest, ``states`` the (name, per-sequence shape) of every recurrent
+    state the layer carries between tokens (kept in float32 or better)."""
+
+    chunk_size: int
+    window: int
+    states: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class AttentionDims:
     """Numbers every consumer of an attention spec needs, resolved against d_model."""
 
@@ -287,6 +304,7 @@ class AttentionDims:
     null_token: bool = False
     value_alias: str | None = None  # values are read from this key field (MLA: the latent c_kv)
     summaries: SummaryLayout | None = None  # window + block summaries instead of every token
+    chunks: ChunkLayout | None = None  # boundary rows + window + recurrent states instead of every token
 
     @property
     def token_fields(self) -> dict[str, int]:

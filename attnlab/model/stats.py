@@ -3,6 +3,7 @@ FLOPs per token and KV-cache bytes per token (per layer and total, per cache for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str)
         fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
         return get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
 
+    if dims.chunks is not None:  # one boundary row per chunk
+        return -(-sum(row(name, hd) for name, hd in dims.token_fields.items()) // dims.chunks.chunk_size)
     if dims.summaries is None:
         return sum(row(name, hd) for name, hd in dims.cache_fields.items())
     per_block = sum(row(f"{name}_sum", hd) for name, hd in dims.token_fields.items())
@@ -32,14 +35,18 @@ def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str)
 
 
 def kv_fixed_bytes_layer(dims: AttentionDims, formats: dict[str, str] | str) -> int:
-    """Bytes of a layer's cache that do not grow with the context: a window + summary layer's
-    window pool (``window`` rows); 0 for per-token caches."""
-    if dims.summaries is None:
+    """Bytes of a layer's cache (one sequence) that do not grow with the context: a window +
+    summary layer's window pool (``window`` rows); a chunk-boundary layer's window (``window + 1``
+    rows) and one float32 copy of its recurrent states; 0 for per-token caches."""
+    if dims.summaries is None and dims.chunks is None:
         return 0
+    rows = dims.summaries.window if dims.summaries is not None else dims.chunks.window + 1
     total = 0
     for name, head_dim in dims.token_fields.items():
         fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
-        total += dims.summaries.window * get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
+        total += rows * get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
+    if dims.chunks is not None:
+        total += 4 * sum(math.prod(shape) for _, shape in dims.chunks.states)
     return total
 
 
@@ -91,6 +98,8 @@ def model_stats(cfg: ModelConfig, formats: tuple[str, ...] = DEFAULT_FORMATS) ->
         keys = mean_context + (1 if d.null_token else 0)
         if d.summaries is not None:  # a window plus at most three block summaries
             keys = min(keys, d.summaries.window + 3)
+        if d.chunks is not None:  # the window plus one boundary per chunk before it
+            keys = min(keys, d.chunks.window + 1 + mean_context / d.chunks.chunk_size + 1)
         attn_flops += 2 * d.num_heads * (d.qk_head_dim + d.v_head_dim) * keys
     stats = ModelStats(total, non_embedding, int(2 * matmul_params + attn_flops), dims)
     policies: list[dict[str, str] | str] = list(formats)

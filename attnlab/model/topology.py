@@ -89,9 +89,10 @@ class TopologyBuilder:
         self.cfg = cfg
         self.num_attention = 0
         self.num_blocks = 0
+        self.total_attention = len(cfg.attention_specs())  # attention layers the model will have
 
     def _attention(self, spec) -> nn.Module:
-        spec = (spec or self.cfg.attention).for_context(self.cfg.block_size)
+        spec = (spec or self.cfg.attention).for_model(self.cfg.block_size, self.total_attention)
         layer = build_attention(spec, self.cfg.d_model, self.num_attention)
         self.num_attention += 1
         return layer
