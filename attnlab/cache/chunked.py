@@ -2,7 +2,8 @@
 
 Per sequence, for each stored field (``k``, ``v``; each in its policy format):
 
-- **boundary rows**: row 0 the sink (position 0), row 1 + c the key/value at region c's chunk
+- **boundary rows** (unless ``ChunkLayout.boundary_rows`` is off: a sliding-window layer keeps
+  the window alone): row 0 the sink (position 0), row 1 + c the key/value at region c's chunk
   end, one more scratch row that decode steps write when their token is no boundary (fixed
   shapes, no host branch); ``ceil(capacity / P) + 2`` rows, so retained bytes grow as T / P;
 - a **window ring** of the newest ``window + 1 + rollback`` raw rows (slot = position mod ring
@@ -60,7 +61,7 @@ class ChunkedLayerCache:
         self.ring = {name: FieldStore(self.formats[name], n, batch, self.ring_size, device, dtype)
                      for name, n in self.row_lengths.items()}
         self.boundaries = {name: FieldStore(self.formats[name], n, batch, self.num_regions + 2, device, dtype)
-                           for name, n in self.row_lengths.items()}
+                           for name, n in self.row_lengths.items()} if layout.boundary_rows else {}
         self.slot_position = torch.full((batch, self.ring_size), -1, dtype=torch.long, device=device)
         self.state_dtype = torch.promote_types(dtype, torch.float32)
         self.states = {name: torch.zeros(batch, self.history, *shape, dtype=self.state_dtype, device=device)
@@ -99,16 +100,17 @@ class ChunkedLayerCache:
         self.state_position[b, slot] = pos
 
     # ------------------------------------------------------------------ one token (capturable)
-    def append_token(self, pos: torch.Tensor, row: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
+    def append_token(self, pos: torch.Tensor, row: torch.Tensor | None, fields: dict[str, torch.Tensor]) -> None:
         """Store one token per sequence at device positions ``pos`` (B,): its ring slot and its
-        boundary row ``row`` (B,) (the scratch row when it is no boundary). ``fields[name]``:
-        (B, KV, 1, d)."""
+        boundary row ``row`` (B,) (the scratch row when it is no boundary; None without boundary
+        rows). ``fields[name]``: (B, KV, 1, d)."""
         batch_index = torch.arange(pos.shape[0], device=pos.device)
         slot = pos % self.ring_size
         for name, t in fields.items():
             rows = _rows(t)
             self.ring[name].write_at(slot, rows)
-            self.boundaries[name].write_at(row, rows)
+            if row is not None:
+                self.boundaries[name].write_at(row, rows)
         self.slot_position.index_put_((batch_index, slot), pos)
 
     def ring_rows(self, pos: torch.Tensor, fresh: dict[str, torch.Tensor]):
@@ -154,7 +156,7 @@ class ChunkedLayerCache:
         slots = positions[first:] % self.ring_size
         for name, t in fields.items():
             data = _rows(t)[0]  # (n, row)
-            if bool(is_row.any()):
+            if self.boundaries and bool(is_row.any()):
                 self.boundaries[name].write_rows(b, rows, data[is_row])
             self.ring[name].write_rows(b, slots, data[first:])
         self.slot_position[b, slots] = positions[first:]
@@ -169,7 +171,7 @@ class ChunkedLayerCache:
             return
         need = torch.arange(max(0, new_length - 1 - self.window), new_length, device=self.slot_position.device)
         ring_ok = bool((self.slot_position[b, need % self.ring_size] == need).all())
-        state_ok = int(self.state_position[b, (new_length - 1) % self.history]) == new_length - 1
+        state_ok = not self.states or int(self.state_position[b, (new_length - 1) % self.history]) == new_length - 1
         if not (ring_ok and state_ok):
             raise AttnlabError(f"cannot roll back to length {new_length}: the SSM states or the window ring no "
                                f"longer hold that position (raise the policy's rollback={self.history - 2})")
@@ -182,8 +184,8 @@ class ChunkedLayerCache:
         return sum(t[0, 0].numel() * t.element_size() for t in self.states.values())
 
     def bytes_per_token(self) -> int:
-        """Bytes one token adds on average: a boundary row per chunk of P tokens (rounded up);
-        the ring and states are fixed (``fixed_bytes``)."""
+        """Bytes one token adds on average: a boundary row per chunk of P tokens (rounded up; 0
+        without boundary rows); the ring and states are fixed (``fixed_bytes``)."""
         return -(-self._row_bytes(self.boundaries) // self.chunk_size)
 
     def retained_bytes(self, length: int) -> int:
@@ -192,7 +194,7 @@ class ChunkedLayerCache:
         copy of the SSM states."""
         if length == 0:
             return 0
-        rows = 1 + -(-length // self.chunk_size)
+        rows = 1 + -(-length // self.chunk_size) if self.boundaries else 0
         return (min(length, self.window + 1) * self._row_bytes(self.ring) + rows * self._row_bytes(self.boundaries)
                 + self.state_bytes())
 

@@ -286,11 +286,13 @@ class ChunkLayout:
     """A cache that keeps key/value rows only at chunk boundaries plus a window of the newest
     raw rows, and recurrent states (Attamba): chunks of ``chunk_size`` positions, ``window`` recent
     positions besides the newest, ``states`` the (name, per-sequence shape) of every recurrent
-    state the layer carries between tokens (kept in float32 or better)."""
+    state the layer carries between tokens (kept in float32 or better); without ``boundary_rows`` the
+    cache is the window ring alone (a sliding-window layer)."""
 
     chunk_size: int
     window: int
     states: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    boundary_rows: bool = True  # False: the window alone (a sliding-window layer)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ def kv_bytes_per_token_layer(dims: AttentionDims, formats: dict[str, str] | str)
         fmt = formats if isinstance(formats, str) else formats.get(name, "fp16")
         return get_format(fmt).row_bytes(dims.num_kv_heads * head_dim)
 
-    if dims.chunks is not None:  # one boundary row per chunk
+    if dims.chunks is not None:  # one boundary row per chunk (none for a window alone)
+        if not dims.chunks.boundary_rows:
+            return 0
         return -(-sum(row(name, hd) for name, hd in dims.token_fields.items()) // dims.chunks.chunk_size)
     if dims.summaries is None:
         return sum(row(name, hd) for name, hd in dims.cache_fields.items())
@@ -99,7 +101,8 @@ def model_stats(cfg: ModelConfig, formats: tuple[str, ...] = DEFAULT_FORMATS) ->
         if d.summaries is not None:  # a window plus at most three block summaries
             keys = min(keys, d.summaries.window + 3)
         if d.chunks is not None:  # the window plus one boundary per chunk before it
-            keys = min(keys, d.chunks.window + 1 + mean_context / d.chunks.chunk_size + 1)
+            boundaries = mean_context / d.chunks.chunk_size + 1 if d.chunks.boundary_rows else 0
+            keys = min(keys, d.chunks.window + 1 + boundaries)
         attn_flops += 2 * d.num_heads * (d.qk_head_dim + d.v_head_dim) * keys
     stats = ModelStats(total, non_embedding, int(2 * matmul_params + attn_flops), dims)
     policies: list[dict[str, str] | str] = list(formats)

@@ -13,7 +13,7 @@ register_variant(StandardAttentionConfig, StandardAttention)
 register_variant(BottleneckAttentionConfig, StandardAttention)
 register_variant(DecoupledAttentionConfig, DecoupledAttention)
 
-from attnlab.nn.attention import attamba, butterfly, mla  # noqa: E402,F401  (register themselves)
+from attnlab.nn.attention import attamba, butterfly, mla, sliding_window  # noqa: E402,F401  (register themselves)
 
 
 def build_attention(cfg, d_model: int, layer_index: int) -> AttentionLayer:
