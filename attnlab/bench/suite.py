@@ -27,6 +27,7 @@ RUNNERS = {
     "downstream": "attnlab.bench.downstream:run_downstream",
     "quality": "attnlab.bench.quality:run_quality",
     "retrieval": "attnlab.bench.retrieval:run_retrieval_bench",
+    "wikitext": "attnlab.bench.wikitext:run_wikitext",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

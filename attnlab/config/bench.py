@@ -188,9 +188,23 @@ class RetrievalBench(_BenchBase):
         return value
 
 
+class WikitextBench(_BenchBase):
+    """WikiText word perplexity the lm-eval way (``attnlab.bench.wikitext``) from a local WikiText
+    file (``wiki.valid.tokens`` format): articles ``first_article`` .. + ``num_articles``."""
+
+    type: Literal["wikitext"] = "wikitext"
+    path: str = Field(min_length=1, description="a WikiText file (articles start at ' = Title = ' lines)")
+    first_article: int = Field(0, ge=0)
+    num_articles: int | None = Field(None, gt=0)
+    max_length: int | None = Field(None, gt=0, description="rolling-window length; default and maximum block_size")
+    tokenizer_path: str | None = Field(None, description="local .tiktoken for GPT-2-tokenized checkpoints")
+
+    _max_length = field_validator("max_length", mode="after")(_check_lengths)
+
+
 BenchConfig = Annotated[
     Union[PerplexityBench, LatencyBench, MemoryBench, ContextSweepBench, DownstreamBench, QualityBench,
-          RetrievalBench],
+          RetrievalBench, WikitextBench],
     Field(discriminator="type"),
 ]
 
