@@ -834,6 +834,8 @@ def _resolve_group(spec: ManifestSpec, gi: int, post: list[Override], out_root: 
                            "retrofit": retrofit.model_dump(mode="json") if retrofit else None,
                            "distill": distill.model_dump(mode="json"),
                            "verify": verify.model_dump(mode="json") if verify else None}
+        if run.arm is not None:  # one seed of a seeded run: reports aggregate its arm
+            resolved["run"]["arm"] = run.arm
         earlier[run.id] = model
         out.append(ResolvedRun(
             name=spec.name, group=group.name, run_id=run.id, description=run.description,

@@ -415,9 +415,13 @@ def _doc_text() -> str:
 
 def test_docs_mention_every_config_field():
     from attnlab.config import attention, cache, data, manifest as mcfg, model, train, upcycle, verify
+    from attnlab.config.bench import WikitextBench
+    from attnlab.nn.attention.attamba import AttambaAttentionConfig
     from attnlab.nn.attention.butterfly import ButterflyAttentionConfig
     from attnlab.nn.attention.mla import MLAAttentionConfig
-    classes = [MLAAttentionConfig, ButterflyAttentionConfig, upcycle.RetrofitConfig, attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
+    from attnlab.nn.attention.sliding_window import SlidingWindowAttentionConfig
+    classes = [MLAAttentionConfig, ButterflyAttentionConfig, AttambaAttentionConfig, SlidingWindowAttentionConfig,
+               WikitextBench, upcycle.RetrofitConfig, attention.StandardAttentionConfig, attention.BottleneckAttentionConfig,
                attention.DecoupledAttentionConfig, attention.RopeConfig, attention.Llama3RopeScaling,
                model.ModelConfig, model.MLPConfig, model.LayerOverride, model.BlockNode, model.AttentionNode,
                model.MLPNode, model.NormNode, model.SequentialNode, model.ResidualNode, model.ParallelNode,
@@ -494,3 +498,28 @@ def test_data_path_cwd_fallback_warns(tmp_path, monkeypatch, capsys):
     out = resolve_data_path("only_here.txt", tmp_path / "cfg")
     assert out == str(tmp_path / "only_here.txt") and "relative to the working directory" in capsys.readouterr().err
     assert resolve_data_path("nope.txt", tmp_path / "cfg") == str(tmp_path / "cfg" / "nope.txt")
+
+
+# ---------------------------------------------------------------- seeds
+def _seeded(**second):
+    model = {"vocab_size": 256, "d_model": 32, "num_layers": 1, "block_size": 32,
+             "attention": {"type": "standard", "num_heads": 2}}
+    runs = [{"id": "teacher", "seeds": [0, 3], "model": model}, {"id": "student", "mode": "retrofit",
+             "teacher": "run:teacher", "retrofit": {"window": 8, "block_size": 8}, **second}]
+    return {"version": 1, "name": "s", "data": {"source": "embedded"}, "train": {"steps": 2, "batch_size": 2},
+            "groups": [{"name": "g", "runs": runs}]}
+
+
+def test_seeds_expand_into_one_run_per_seed_with_paired_teachers():
+    p = plan(_seeded(seeds=[0, 3]))
+    assert [r.run_id for r in p.runs] == ["teacher-s0", "teacher-s3", "student-s0", "student-s3"]
+    assert [r.train.seed for r in p.runs[:2]] == [0, 3]
+    assert [r.teacher for r in p.runs[2:]] == ["run:teacher-s0", "run:teacher-s3"]
+    assert {r.resolved["run"]["arm"] for r in p.runs} == {"teacher", "student"}
+
+
+def test_seed_errors_name_the_key():
+    assert "name one of run:teacher-s0, run:teacher-s3" in error(_seeded())
+    assert "name one of" in error(_seeded(seeds=[0, 1]))  # seed 1 has no teacher copy
+    assert "seeds" in error(_seeded(seeds=[2, 2]))
+    assert "seeds" in error(_seeded(seeds=[]))

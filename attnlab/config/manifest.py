@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
 from attnlab.config.upcycle import RunMode
 from attnlab.config.base import StrictModel, validate_section
@@ -77,8 +77,17 @@ class RunSpec(StrictModel):
     retrofit: dict[str, Any] | None = None
     distill: dict[str, Any] = Field(default_factory=dict)
     verify: dict[str, Any] | None = None
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
+        None, min_length=1, max_length=64,
+        description="one run per seed: ids <id>-s<seed>, train.seed set; reports aggregate them as one arm")
 
     _sections_none = field_validator("model", "data", "train", "cache", "distill", mode="before")(_none_is_empty)
+    _arm: str | None = PrivateAttr(None)
+
+    @property
+    def arm(self) -> str | None:
+        """The id of the seeded run this one was expanded from (None for plain runs)."""
+        return self._arm
 
 
 class GroupSpec(StrictModel):
@@ -148,8 +157,44 @@ def parse_manifest(tree: Any) -> ManifestSpec:
                     validate_section(RunSpec, run, rpath)
             validate_section(GroupSpec, group, gpath)
     spec = validate_section(ManifestSpec, tree, "")
+    _expand_seeds(spec)
     _check_unique(spec)
     return spec
+
+
+def seeded_id(run_id: str, seed: int) -> str:
+    return f"{run_id}-s{seed}"
+
+
+def _expand_seeds(spec: ManifestSpec) -> None:
+    """Replace each run with ``seeds`` by one run per seed (``seeded_id``, ``train.seed``); the
+    copies remember their arm (``RunSpec.arm``). A ``run:<id>`` teacher/init_from naming a seeded run
+    resolves to the same seed's copy, so a seeded student pairs with its seeded teacher."""
+    for gi, group in enumerate(spec.groups):
+        seeded = {run.id: run.seeds for run in group.runs if run.seeds}
+        if not seeded:
+            continue
+        runs: list[RunSpec] = []
+        for ri, run in enumerate(group.runs):
+            path = f"groups[{gi}]({group.name}).runs[{ri}]({run.id})"
+            if len(set(run.seeds or [])) != len(run.seeds or []):
+                raise ConfigError(f"{path}.seeds", "lists a seed twice", run.seeds)
+            for seed in run.seeds or [None]:
+                update: dict[str, Any] = {}
+                for key in ("teacher", "init_from"):
+                    ref = getattr(run, key)
+                    if isinstance(ref, str) and ref.startswith("run:") and ref[4:] in seeded:
+                        if seed is None or seed not in seeded[ref[4:]]:
+                            choices = ", ".join(f"run:{seeded_id(ref[4:], s)}" for s in seeded[ref[4:]])
+                            raise ConfigError(f"{path}.{key}", f"run {ref[4:]!r} is expanded over seeds; name one "
+                                              f"of {choices} (or give this run the same seeds)", ref)
+                        update[key] = f"run:{seeded_id(ref[4:], seed)}"
+                if seed is not None:
+                    update.update(id=seeded_id(run.id, seed), train={**run.train, "seed": seed}, seeds=None)
+                copy = run.model_copy(update=update)
+                copy._arm = run.id if seed is not None else None
+                runs.append(copy)
+        spec.groups[gi] = group.model_copy(update={"runs": runs})
 
 
 def _require_mapping(value: Any, path: str, what: str, cls: type[StrictModel]) -> None:

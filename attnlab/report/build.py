@@ -13,10 +13,10 @@ from attnlab.fsutil import atomic_write_text, write_error
 from attnlab.paths import check_name, safe_child
 from attnlab.report import plots
 from attnlab.report.collect import RunData, load_runs
-from attnlab.report.tables import Table, benchmark_tables, display_tables, summary_table
+from attnlab.report.tables import Table, arms_table, benchmark_tables, display_tables, summary_table
 
 
-RESERVED_TABLES = ("summary", "curves")  # the report's own tables (csv/<name>.csv)
+RESERVED_TABLES = ("summary", "curves", "arms")  # the report's own tables (csv/<name>.csv)
 METRICS_DOC = "docs/metrics.md"  # in the attnlab repository: what every reported metric means
 
 
@@ -42,8 +42,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, title: str 
     folder = Path(out_dir)
     summary = summary_table(runs)
     benches = benchmark_tables(runs)
-    all_tables: list[tuple[str | None, Table]] = [(None, summary)] + [(kind, t) for kind, t in benches.values()]
-    for _, table in all_tables[1:]:  # benchmark names become file names: check before writing any
+    arms = arms_table(runs)
+    all_tables: list[tuple[str | None, Table]] = [(None, summary)] + ([("arms", arms)] if arms is not None else [])
+    all_tables += [(kind, t) for kind, t in benches.values()]
+    for _, table in benches.values():  # benchmark names become file names: check before writing any
         check_name(table.name, "benchmark")
         if table.name in RESERVED_TABLES:
             raise AttnlabError(f"benchmark {table.name!r}: the name is taken by the report's own "

@@ -27,6 +27,11 @@ DISPLAY_COLUMNS = {
                 "greedy_agreement"],
     "retrieval": ["run", "kind", "num_keys", "policy", "length", "depth", "trials", "accuracy", "accuracy_interval",
                   "answer_loglik"],
+    "wikitext": ["run", "articles", "words", "tokens", "word_perplexity", "word_perplexity_interval",
+                 "byte_perplexity", "bits_per_byte", "token_perplexity"],
+    "arms": ["arm", "attention", "seeds", "params", "val_loss", "val_loss_interval", "ppl", "ppl_interval",
+             "word_perplexity", "word_perplexity_interval", "kv_bytes_per_token_2k", "kv_bytes_per_token_32k",
+             "kv_bytes_per_token_128k"],
 }
 
 #: column -> (human header with unit, number format). Formats: "text", "int" (rounded, thousands
@@ -97,6 +102,20 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "accuracy": ("accuracy (fraction)", "f3"),
     "accuracy_interval": ("accuracy 95% interval (bootstrap over trials)", "text"),
     "answer_loglik": ("answer log-likelihood (nats/token)", "sig3"),
+    "articles": ("articles", "int"),
+    "words": ("words", "int"),
+    "tokens": ("tokens", "int"),
+    "word_perplexity": ("word perplexity", "sig4"),
+    "word_perplexity_interval": ("word perplexity 95% interval", "text"),
+    "byte_perplexity": ("byte perplexity", "sig4"),
+    "bits_per_byte": ("bits/byte", "sig4"),
+    "token_perplexity": ("token perplexity", "sig4"),
+    "arm": ("arm", "text"),
+    "seeds": ("seeds", "int"),
+    "val_loss_interval": ("held-out loss 95% interval (t, over seeds)", "text"),
+    "kv_bytes_per_token_2k": ("KV bytes/token at 2k (fp16)", "int"),
+    "kv_bytes_per_token_32k": ("KV bytes/token at 32k (fp16)", "int"),
+    "kv_bytes_per_token_128k": ("KV bytes/token at 128k (fp16)", "int"),
 }
 
 #: short headings per benchmark type (Markdown section titles)
@@ -104,6 +123,7 @@ HEADINGS = {
     "perplexity": "Perplexity by KV-cache policy", "latency": "Latency", "memory": "KV-cache memory",
     "context_sweep": "Context sweep", "downstream": "Downstream tasks", "quality": "Agreement with a reference",
     "retrieval": "Long-context retrieval (passkey / multi-key needle)",
+    "wikitext": "WikiText word perplexity (lm-eval's wikitext task)",
 }
 
 
@@ -235,6 +255,81 @@ def summary_table(runs: list[RunData]) -> Table:
                "one sequence) and mean training throughput. The training eval's perplexity is not the "
                "perplexity benchmark's (other windows, full forward): see docs/metrics.md.")
     return Table("summary", "Summary of runs", cols, rows, caption=caption)
+
+
+#: Student t quantiles t_{0.975, n-1} for 95% intervals over n seeds (n = 2..30)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045}
+
+
+def seed_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the Student t 95% interval of the mean over seeds; None when no value,
+    (mean, None, None) for one value or more than 30."""
+    data = [v for v in values if v is not None]
+    if not data:
+        return None
+    mean = sum(data) / len(data)
+    if len(data) < 2 or len(data) - 1 not in T_975:
+        return mean, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in data) / (len(data) - 1))
+    half = T_975[len(data) - 1] * sd / math.sqrt(len(data))
+    return mean, mean - half, mean + half
+
+
+KV_CONTEXTS = {"2k": 2048, "32k": 32768, "128k": 131072}
+
+
+def _first_row(run: RunData, kind: str) -> dict | None:
+    records = [r for name, r in sorted(run.benchmarks.items()) if r.type == kind]
+    return records[0].rows[0] if records and records[0].rows else None
+
+
+def arms_table(runs: list[RunData]) -> Table | None:
+    """One row per arm (the seeds of one seeded run, ``seeds:`` in a manifest): means over seeds
+    with Student t 95% intervals of the training eval's held-out loss, the perplexity benchmark's
+    first row (policy) and the wikitext benchmark's word perplexity; parameters and analytic fp16
+    KV bytes per token (one sequence, all layers, window/state included) at 2k/32k/128k. None when
+    no run is one seed of an arm."""
+    from attnlab.config.base import validate_section
+    from attnlab.config.model import ModelConfig
+    from attnlab.model.stats import count_parameters, kv_bytes_per_token_layer, kv_fixed_bytes_layer
+    from attnlab.summary import describe_stack
+
+    arms: dict[str, list[RunData]] = {}
+    for run in runs:
+        arm = (run.config.get("run") or {}).get("arm")
+        if arm is not None:
+            arms.setdefault(f"{run.key.split('/')[0]}/{arm}", []).append(run)
+    if not arms:
+        return None
+    rows = []
+    for arm, members in arms.items():
+        model_cfg = validate_section(ModelConfig, members[0].config["model"], f"{members[0].key}.model")
+        dims = model_cfg.layer_dims()
+        row = {"arm": arm, "attention": describe_stack(model_cfg), "seeds": len(members),
+               "params": count_parameters(model_cfg)[0]}
+        for label, context in KV_CONTEXTS.items():
+            total = sum(kv_bytes_per_token_layer(d, "fp16") * context + kv_fixed_bytes_layer(d, "fp16") for d in dims)
+            row[f"kv_bytes_per_token_{label}"] = total / context
+        metrics = {"val_loss": [(m.done or {}).get("val_loss") for m in members],
+                   "ppl": [(_first_row(m, "perplexity") or {}).get("ppl") for m in members],
+                   "word_perplexity": [(_first_row(m, "wikitext") or {}).get("word_perplexity") for m in members]}
+        for name, values in metrics.items():
+            est = seed_interval(values)
+            if est is not None:
+                row[name], row[f"{name}_low"], row[f"{name}_high"] = est
+        rows.append(row)
+    cols = ["arm", "attention", "seeds", "params", "val_loss", "val_loss_low", "val_loss_high", "ppl", "ppl_low",
+            "ppl_high", "word_perplexity", "word_perplexity_low", "word_perplexity_high", "kv_bytes_per_token_2k",
+            "kv_bytes_per_token_32k", "kv_bytes_per_token_128k"]
+    caption = ("Arms (runs expanded over seeds): mean over seeds with Student t 95% intervals of the mean, of the "
+               "training eval's held-out loss, the perplexity benchmark's perplexity (its first policy) and the "
+               "wikitext benchmark's word perplexity; parameters; analytic KV-cache bytes per token with an fp16 "
+               "cache for one sequence of 2k/32k/128k tokens (all layers; a window, boundary rows and recurrent "
+               "states included), which a context beyond the model's block size would only reach by extrapolation.")
+    return Table("arms", "Arms over seeds", cols, rows, caption=caption)
 
 
 def _eval_setting(run: RunData) -> str:
@@ -384,6 +479,12 @@ def display_tables(kind: str | None, table: Table) -> list[Table]:
         for r in rows:
             if r.get("accuracy_lo") is not None and r.get("accuracy_hi") is not None:
                 r["accuracy_interval"] = f"{fmt(r['accuracy_lo'], 'f3')}-{fmt(r['accuracy_hi'], 'f3')}"
+    if kind in ("wikitext", "arms"):
+        for r in rows:
+            for name in ("word_perplexity", "ppl", "val_loss"):
+                lo, hi = r.get(f"{name}_low"), r.get(f"{name}_high")
+                if lo is not None and hi is not None:
+                    r[f"{name}_interval"] = f"{fmt(lo, 'sig4')}-{fmt(hi, 'sig4')}"
     if kind == "latency":
         for r in rows:
             lo, hi = r.get("decode_p10_ms_per_token"), r.get("decode_p90_ms_per_token")

@@ -93,3 +93,36 @@ def test_latex_escaping_and_number_formatting():
 def test_report_on_a_non_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_arms_table_aggregates_seeds_with_t_intervals(tmp_path):
+    from attnlab.report.tables import T_975, arms_table, seed_interval
+
+    mean, lo, hi = seed_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs((hi - mean) - T_975[2] * 1.0 / 3 ** 0.5) < 1e-12 and lo < mean < hi
+    assert seed_interval([4.0]) == (4.0, None, None) and seed_interval([None]) is None
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    manifest = {
+        "version": 1, "name": "arms", "defaults": {"out_dir": str(tmp_path / "runs")},
+        "model": {"vocab_size": 256, "d_model": 32, "num_layers": 1, "block_size": 32,
+                  "attention": {"type": "attamba", "num_heads": 2, "chunk_size": 4, "window": 4}},
+        "data": {"source": "text", "path": str(corpus), "tokenizer": {"type": "byte"}},
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "log_every": 1},
+        "groups": [{"name": "g", "runs": [{"id": "a", "seeds": [0, 1, 2]}, {"id": "plain"}]}],
+    }
+    path = tmp_path / "arms.yml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["run", str(path)]) == 0
+    md = (tmp_path / "runs/arms/g/report/report.md").read_text()
+    assert "## Arms over seeds" in md and "| g/a |" in md and "| g/plain |" not in md.split("## Arms")[1].split("##")[0]
+    from attnlab.report.collect import load_runs
+
+    runs = load_runs(sorted((tmp_path / "runs/arms/g").glob("a-s*")))
+    (row,) = arms_table(runs).rows
+    losses = [r.done["val_loss"] for r in runs]
+    assert row["seeds"] == 3 and abs(row["val_loss"] - sum(losses) / 3) < 1e-12
+    assert row["val_loss_low"] < row["val_loss"] < row["val_loss_high"]
+    # attamba at P = 4: fp16 boundary rows (k + v, 2 heads x 16) per 4 tokens, plus window and states
+    per_token = 2 * 32 * 2 / 4
+    assert per_token < row["kv_bytes_per_token_128k"] < row["kv_bytes_per_token_2k"]
