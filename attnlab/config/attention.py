@@ -148,6 +148,15 @@ def _check_rope(rope: RopeConfig | None, head_dim: int, what: str, kv_heads: int
             raise ValueError(f"rope.inv_freq has {len(entry)} entries; {what}={head_dim} needs {head_dim // 2}")
 
 
+def check_recent_window(value: int, info: ValidationInfo) -> int:
+    """A ``window`` of recent positions besides the query's own (attamba's L, sliding_window's):
+    >= 0 and within ``limits.max_context``."""
+    if value < 0:
+        raise ValueError(f"window must be >= 0 (recent positions besides the query's own), got {value}")
+    check_count(max(value, 1), limits_from(info.context).max_context, "window", "max_context")
+    return value
+
+
 class StandardAttentionConfig(AttentionSpec):
     """Multi-head attention; ``num_kv_heads`` < ``num_heads`` gives GQA (1 gives MQA).
 

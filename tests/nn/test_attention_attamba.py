@@ -14,6 +14,7 @@ from attnlab.infer.runtime import DecodeRuntime
 from attnlab.model.decoder import DecoderLM
 from attnlab.nn.attention.attamba import AttambaMask, ChunkRule, key_set, reference_attention
 from attnlab.nn.attention.backends import FLEX_IMPORT_ERROR, attend
+from decode_checks import assert_cached_paths_equal_the_full_forward, assert_graph_decode_equals_eager_and_full
 
 CHUNKINGS = ("uniform", "cyclic", "jitter")
 
@@ -141,16 +142,7 @@ def test_layer_forward_equals_the_key_set_reference_over_recurrence_made_keys(sc
 
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 def test_incremental_decode_and_chunked_prefill_equal_the_full_forward(chunking):
-    model = _model(chunking)
-    ids = _ids()
-    with torch.no_grad():
-        full = model(ids)
-        rt = DecodeRuntime(model, batch=2, max_length=64)
-        steps = [rt.forward(ids[:, :21])] + [rt.forward(ids[:, t:t + 1]) for t in range(21, 60)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
-        rt.reset()
-        chunks = [rt.forward(ids[:, a:a + 13]) for a in range(0, 60, 13)]
-        torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-10, rtol=0)
+    assert_cached_paths_equal_the_full_forward(_model(chunking), _ids())
 
 
 def test_window_zero_and_chunk_one_decode_equal_the_full_forward():
@@ -289,21 +281,7 @@ def test_cuda_graph_decode_equals_eager_decode_and_the_full_forward(policy):
     model = _model("cyclic", layers=3, chunk=4, window=6, context=128, dtype=torch.float32).cuda()
     for layer in model.attention_layers():
         layer.scan = "auto"  # the fused scan for the full forward
-    ids = _ids(100).cuda()
-    with torch.no_grad():
-        full = model(ids)
-        logits = {}
-        for graphs in (False, True):
-            rt = DecodeRuntime(model, policy, batch=2, max_length=128, cuda_graphs=graphs)
-            out = [rt.forward(ids[:, :30]).float().clone()]
-            for t in range(30, 100):
-                out.append(rt.step(ids[:, t]).float().clone().unsqueeze(1))
-            logits[graphs] = torch.cat(out, 1)
-    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
-    if policy is None:
-        torch.testing.assert_close(logits[False], full, atol=1e-4, rtol=0)
-    else:
-        assert (logits[False] - full).abs().max() < 0.1 * full.abs().max()
+    assert_graph_decode_equals_eager_and_full(model, _ids(100).cuda(), policy)
 
 
 @cuda

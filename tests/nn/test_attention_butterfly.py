@@ -11,6 +11,7 @@ from attnlab.config.model import ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.infer.runtime import DecodeRuntime
 from attnlab.model.decoder import DecoderLM
+from decode_checks import assert_cached_paths_equal_the_full_forward, assert_graph_decode_equals_eager_and_full
 from attnlab.nn.attention.backends import FLEX_IMPORT_ERROR, attend
 from attnlab.nn.attention.butterfly import (
     PARTNER_RULES,
@@ -113,14 +114,7 @@ def _model(rule="causal_shift", layers=3, block=8, window=6, context=128, dtype=
 def test_incremental_decode_and_chunked_prefill_equal_the_full_forward(rule):
     model = _model(rule, layers=2, block=4, window=3)  # stages 0 and 1
     ids = torch.randint(0, 61, (2, 60), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        rt = DecodeRuntime(model, batch=2, max_length=64)
-        steps = [rt.forward(ids[:, :21])] + [rt.forward(ids[:, t:t + 1]) for t in range(21, 60)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
-        rt.reset()
-        chunks = [rt.forward(ids[:, a:a + 13]) for a in range(0, 60, 13)]
-        torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-10, rtol=0)
+    assert_cached_paths_equal_the_full_forward(model, ids)
 
 
 def test_ragged_prefill_then_decode_equals_per_sequence_forwards():
@@ -234,20 +228,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_equals_eager_decode_and_the_full_forward(policy):
     model = _model(layers=3, block=8, window=6, dtype=torch.float32).cuda()
     ids = torch.randint(0, 61, (2, 100), generator=torch.Generator().manual_seed(6)).cuda()
-    with torch.no_grad():
-        full = model(ids)
-        logits = {}
-        for graphs in (False, True):
-            rt = DecodeRuntime(model, policy, batch=2, max_length=128, cuda_graphs=graphs)
-            out = [rt.forward(ids[:, :30]).float().clone()]
-            for t in range(30, 100):
-                out.append(rt.step(ids[:, t]).float().clone().unsqueeze(1))
-            logits[graphs] = torch.cat(out, 1)
-    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
-    if policy is None:
-        torch.testing.assert_close(logits[False], full, atol=1e-4, rtol=0)
-    else:
-        assert (logits[False] - full).abs().max() < 0.1 * full.abs().max()
+    assert_graph_decode_equals_eager_and_full(model, ids, policy)
 
 
 @cuda

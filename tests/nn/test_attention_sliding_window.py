@@ -10,6 +10,7 @@ from attnlab.config.model import ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.infer.runtime import DecodeRuntime
 from attnlab.model.decoder import DecoderLM
+from decode_checks import assert_cached_paths_equal_the_full_forward
 
 
 def _model(window=5, layers=2, context=64, dtype=torch.float64):
@@ -29,16 +30,8 @@ def test_mask_is_the_window():
 
 @pytest.mark.parametrize("window", [0, 5, 40])
 def test_decode_and_chunks_equal_the_full_forward(window):
-    model = _model(window)
     ids = torch.randint(0, 61, (2, 60), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids, attention_impl="eager")
-        rt = DecodeRuntime(model, batch=2, max_length=64)
-        steps = [rt.forward(ids[:, :21])] + [rt.forward(ids[:, t:t + 1]) for t in range(21, 60)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
-        rt.reset()
-        chunks = [rt.forward(ids[:, a:a + 13]) for a in range(0, 60, 13)]
-        torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-10, rtol=0)
+    assert_cached_paths_equal_the_full_forward(_model(window), ids, attention_impl="eager")
 
 
 def test_rollback_within_the_ring_and_refused_beyond():

@@ -45,11 +45,11 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from attnlab.config.attention import AttentionDims, AttentionSpec, ChunkLayout, KeyField, RopeConfig, _check_rope
+from attnlab.config.attention import (AttentionDims, AttentionSpec, ChunkLayout, KeyField, RopeConfig, _check_rope,
+                                      check_recent_window)
 from attnlab.config.limits import check_count, limits_from
 from attnlab.config.variants import register_variant
 from attnlab.errors import AttnlabError
-from attnlab.nn.attention.backends import attend
 from attnlab.nn.attention.base import AttentionLayer, Projected, split_heads
 from attnlab.nn.attention.functional import masked_attention
 from attnlab.nn.context import ForwardContext
@@ -89,13 +89,7 @@ class AttambaAttentionConfig(AttentionSpec):
         check_count(value, limits_from(info.context).max_context, "chunk_size", "max_context")
         return value
 
-    @field_validator("window", mode="after")
-    @classmethod
-    def _check_window(cls, value: int, info: ValidationInfo) -> int:
-        if value < 0:
-            raise ValueError(f"attamba window (L) must be >= 0, got {value}")
-        check_count(max(value, 1), limits_from(info.context).max_context, "window", "max_context")
-        return value
+    _check_window = field_validator("window", mode="after")(check_recent_window)
 
     def head_width(self, d_model: int) -> int:
         return self.head_dim if self.head_dim is not None else d_model // self.num_heads
@@ -355,7 +349,7 @@ class AttambaAttention(AttentionLayer):
         if step.host_offsets is None:
             raise AttnlabError("an attamba chunk of several tokens needs host offsets (eager runtime steps)")
         batch, t_len, _ = x.shape
-        hd, kv = self.dims.v_head_dim, self.dims.num_kv_heads
+        hd = self.dims.v_head_dim
         out = torch.zeros(batch, self.dims.num_heads, t_len, hd, dtype=x.dtype, device=x.device)
         ends = [o + n for o, n in zip(step.host_offsets, step.host_valid)]
         cache.check_capacity(max(ends))

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
-from attnlab.config.attention import AttentionDims, ChunkLayout, KeyField, StandardAttentionConfig
-from attnlab.config.limits import check_count, limits_from
+from attnlab.config.attention import (AttentionDims, ChunkLayout, KeyField, StandardAttentionConfig,
+                                      check_recent_window)
 from attnlab.config.variants import register_variant
 from attnlab.nn.attention.functional import MaskSpec, masked_attention
 from attnlab.nn.attention.standard import StandardAttention
@@ -33,13 +33,7 @@ class SlidingWindowAttentionConfig(StandardAttentionConfig):
     type: Literal["sliding_window"] = "sliding_window"  # type: ignore[assignment]
     window: int = Field(description="recent positions each query sees besides itself (>= 0)")
 
-    @field_validator("window", mode="after")
-    @classmethod
-    def _check_window(cls, value: int, info: ValidationInfo) -> int:
-        if value < 0:
-            raise ValueError(f"sliding_window window must be >= 0, got {value}")
-        check_count(max(value, 1), limits_from(info.context).max_context, "window", "max_context")
-        return value
+    _check_window = field_validator("window", mode="after")(check_recent_window)
 
     def check_context(self, context: int) -> None:
         if self.window > context:
