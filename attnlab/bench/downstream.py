@@ -16,7 +16,9 @@ Scoring: ``loglik = sum_i log p(cont_i | context, cont_<i)`` over the continuati
 predicted from at most ``block_size`` preceding tokens (the context is cut from the left; a
 continuation longer than ``block_size`` is scored in rolling pieces). Context and continuation are joined with one space unless
 the context ends or the continuation starts with whitespace; the separator belongs to the scored
-continuation. Tokens: ``encode(context + continuation)`` split after ``encode(context)``.
+continuation. Tokens: as lm-evaluation-harness splits them (``encode_pair``): trailing whitespace of the
+context moves to the continuation, then ``encode(context + continuation)`` is split after
+``encode(context)``.
 
 - ``acc``: argmax of the summed log-likelihood is the gold choice.
 - ``acc_norm``: argmax of ``loglik / len(choice.encode("utf-8"))``, the length of the answer
@@ -186,8 +188,16 @@ class Score:
 def encode_pair(tokenizer, context: str, continuation: str,
                 prefix_id: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` as they appear in the joint encoding
-    (BPE merges across the boundary stay in the continuation). An empty context becomes
-    ``[prefix_id]`` (default: the tokenizer's end-of-text id), as in lm-evaluation-harness."""
+    (BPE merges across the boundary stay in the continuation), as lm-evaluation-harness's
+    ``_encode_pair`` splits them: trailing whitespace of the context first moves to the front of
+    the continuation (``"Answer: "`` + ``"Planetary"`` scores ``" Planetary"`` after ``"Answer:"``,
+    not a lone space token then ``"Planetary"``). An empty context (also one of whitespace only)
+    becomes ``[prefix_id]`` (default: the tokenizer's end-of-text id), as in the harness. Where the
+    joint encoding does not start with the context's (a merge across the boundary), the
+    continuation is encoded on its own (the harness would score an empty or shifted slice)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:
         prefix = tokenizer.eot_id if prefix_id is None else prefix_id
         if prefix is None:

@@ -73,7 +73,9 @@ def test_scores_match_an_explicit_loop_and_pick_acc_and_acc_norm(model, tmp_path
     result = evaluate_choice(model, TOK, examples)
     acc, acc_norm = [], []
     for ex, scores in zip(examples, result["scores"]):
-        expected = [loop_loglik(model, TOK.encode(c), TOK.encode(k))[0] for c, k in zip(ex.contexts, ex.continuations)]
+        # the harness's split: a context's trailing whitespace is scored as part of the continuation
+        expected = [loop_loglik(model, TOK.encode(c.rstrip()), TOK.encode(c[len(c.rstrip()):] + k))[0]
+                    for c, k in zip(ex.contexts, ex.continuations)]
         assert scores == pytest.approx(expected, abs=1e-4)
         normed = [e / len(a.encode("utf-8")) for e, a in zip(expected, ex.answers)]
         acc.append(float(max(range(len(expected)), key=expected.__getitem__) == ex.gold))
@@ -178,6 +180,24 @@ def test_encode_pair_keeps_the_joint_tokenization():
     assert encode_pair(Words(), "xa", "b") == ([120, 97], [98])  # "xab" -> [x, ab] is no extension of [x, a]
     assert encode_pair(Words(), "x", "ab") == ([120], [0])
     assert encode_pair(Words(), "", "ab") == ([99], [0])  # empty context: the end-of-text token
+
+
+def test_trailing_context_whitespace_moves_into_the_continuation_as_in_lm_eval():
+    from attnlab.data.tokenizers import build_tokenizer
+    from attnlab.config.data import TokenizerConfig
+
+    path = SHARED / "data" / "tokenizers" / "gpt2.tiktoken"
+    if not path.is_file():
+        pytest.skip(f"needs {path}")
+    tok = build_tokenizer(TokenizerConfig(type="gpt2", path=str(path)))
+    ctx, cont = encode_pair(tok, "Answer: ", "Planetary")
+    assert ctx == tok.encode("Answer:") and cont == tok.encode("Answer: Planetary")[len(ctx):]
+    assert tok.decode(cont) == " Planetary" and len(cont) == len(tok.encode(" Planetary"))
+    ctx, cont = encode_pair(tok, "Question?\n", "Yes")  # PIQA-style queries ending in a newline
+    assert tok.decode(ctx) == "Question?" and tok.decode(cont) == "\nYes"
+    assert encode_pair(tok, "  ", "Hi")[0] == [tok.eot_id]  # whitespace only: the end-of-text token
+    # without trailing whitespace nothing moves
+    assert encode_pair(tok, "Answer:", " Planetary") == (tok.encode("Answer:"), tok.encode(" Planetary"))
 
 
 def test_run_downstream_rows_and_tokenizer_errors(model, tmp_path):
