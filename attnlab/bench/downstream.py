@@ -7,10 +7,12 @@ Formats (one JSON object per line; ``format: auto`` detects from the first line'
   continuation of the query.
 - ``winogrande`` ``{"context_options": [a, b], "continuation", "gold"}``: the shared
   continuation is scored after each context.
-- ``hellaswag``  ``{"ctx", "endings", "label"}``: each ending continues ``ctx`` (text cleaned as
-  the harness's HellaSwag preprocessing does: `` [title]`` -> ``. ``, ``[...]`` removed).
+- ``hellaswag``  ``{"ctx", "endings", "label"}`` or the HF dataset's ``{"activity_label", "ctx_a", "ctx_b",
+  "endings", "label"}`` (query ``activity_label: ctx_a + " " + ctx_b.capitalize()``, as lm-eval builds it):
+  each ending continues the query (text cleaned as the harness's HellaSwag preprocessing does:
+  `` [title]`` -> ``. ``, ``[...]`` removed).
 - ``lambada``    ``{"context", "continuation"}``: last-word accuracy (greedy decoding reproduces
-  every continuation token) and perplexity over the continuation tokens.
+  every continuation token), ``perplexity`` per item as lm-eval reports it, and ``ppl_per_token``.
 
 Scoring: ``loglik = sum_i log p(cont_i | context, cont_<i)`` over the continuation tokens, each
 predicted from at most ``block_size`` preceding tokens (the context is cut from the left; a
@@ -21,11 +23,9 @@ context moves to the continuation, then ``encode(context + continuation)`` is sp
 ``encode(context)``.
 
 - ``acc``: argmax of the summed log-likelihood is the gold choice.
-- ``acc_norm``: argmax of ``loglik / len(choice.encode("utf-8"))``, the length of the answer
-  text in UTF-8 bytes (not tokens, and without the separator). lm-evaluation-harness divides by
-  ``len(choice)`` in characters, which is the same number for ASCII text; bytes keep the
-  normalization tokenizer-independent for any text. WinoGrande's continuation is shared, so its
-  acc_norm equals acc.
+- ``acc_norm``: argmax of ``loglik / len(choice)``, the answer text's length in characters (without the
+  separator), as lm-evaluation-harness; a task's ``acc_norm_by: bytes`` divides by its UTF-8 bytes instead.
+  WinoGrande's continuation is shared, so its acc_norm equals acc.
 - ``*_stderr``: sample standard error of the mean, sqrt(p (1 - p) / (n - 1)), as the harness.
 """
 
@@ -83,7 +83,7 @@ def detect_format(record: dict) -> str | None:
     keys = set(record)
     if "context_options" in keys:
         return "winogrande"
-    if {"ctx", "endings"} <= keys:
+    if {"ctx", "endings"} <= keys or {"ctx_a", "endings"} <= keys:
         return "hellaswag"
     if {"query", "choices"} <= keys:
         return "choice"
@@ -127,7 +127,12 @@ def parse_example(record: dict, fmt: str, where: str) -> ChoiceExample | Lambada
         conts = [join(query, c) for c in choices]
         return ChoiceExample([query] * len(choices), conts, choices, _gold(record, "gold", len(choices), where))
     if fmt == "hellaswag":
-        query = _hellaswag_clean(_need(record, "ctx", str, where))
+        if "ctx_a" in record:  # the HF dataset's fields: lm-eval's preprocessing
+            ctx = _need(record, "ctx_a", str, where) + " " + _need(record, "ctx_b", str, where).capitalize()
+            label = record.get("activity_label")
+            query = _hellaswag_clean(f"{label}: {ctx}" if isinstance(label, str) and label else ctx)
+        else:
+            query = _hellaswag_clean(_need(record, "ctx", str, where))
         endings = [_hellaswag_clean(e) for e in _strings(record, "endings", where)]
         conts = [join(query, e) for e in endings]
         return ChoiceExample([query] * len(endings), conts, endings, _gold(record, "label", len(endings), where))
@@ -273,7 +278,7 @@ def _stderr(values: list[float]) -> float | None:
     return math.sqrt(p * (1 - p) / (n - 1))
 
 
-def evaluate_choice(model, tokenizer, examples: list[ChoiceExample]) -> dict:
+def evaluate_choice(model, tokenizer, examples: list[ChoiceExample], acc_norm_by: str = "chars") -> dict:
     """acc / acc_norm (with stderr), n, truncated; ``scores`` holds each example's summed
     log-likelihoods per choice."""
     requests, spans = [], []
@@ -285,33 +290,41 @@ def evaluate_choice(model, tokenizer, examples: list[ChoiceExample]) -> dict:
     for ex, (first, count) in zip(examples, spans):
         lls = [s.logprob for s in scores[first: first + count]]
         truncated += any(s.truncated for s in scores[first: first + count])
-        normed = [ll / max(1, len(a.encode("utf-8"))) for ll, a in zip(lls, ex.answers)]
+        normed = [ll / max(1, len(a) if acc_norm_by == "chars" else len(a.encode("utf-8")))
+                  for ll, a in zip(lls, ex.answers)]
         acc.append(float(max(range(count), key=lambda i: lls[i]) == ex.gold))
         acc_norm.append(float(max(range(count), key=lambda i: normed[i]) == ex.gold))
         per_example.append(lls)
     n = len(examples)
     return {"n": n, "acc": sum(acc) / n, "acc_stderr": _stderr(acc), "acc_norm": sum(acc_norm) / n,
-            "acc_norm_stderr": _stderr(acc_norm), "ppl": None, "nll_per_token": None,
+            "acc_norm_stderr": _stderr(acc_norm), "perplexity": None, "ppl_per_token": None, "nll_per_token": None,
             "continuation_tokens": sum(s.tokens for s in scores), "truncated": truncated,
             "scores": per_example}
 
 
 def evaluate_lambada(model, tokenizer, examples: list[LambadaExample]) -> dict:
-    """Last-word accuracy (every continuation token is the greedy choice), perplexity and mean
-    NLL per continuation token."""
+    """Last-word accuracy (every continuation token is the greedy choice); ``perplexity`` as
+    lm-evaluation-harness's LAMBADA reports it, per item: exp(-mean over examples of the
+    continuation's summed log-likelihood); ``ppl_per_token`` and ``nll_per_token`` per
+    continuation token."""
     scores = score_requests(model, [encode_pair(tokenizer, ex.context, ex.continuation) for ex in examples])
     n, tokens = len(scores), sum(s.tokens for s in scores)
     hits = [float(s.is_greedy) for s in scores]
     nll = -sum(s.logprob for s in scores) / tokens
+    per_item = -sum(s.logprob for s in scores) / n
     return {"n": n, "acc": sum(hits) / n, "acc_stderr": _stderr(hits), "acc_norm": None,
-            "acc_norm_stderr": None, "ppl": math.exp(min(nll, 700.0)), "nll_per_token": nll,
+            "acc_norm_stderr": None, "perplexity": math.exp(min(per_item, 700.0)),
+            "ppl_per_token": math.exp(min(nll, 700.0)), "nll_per_token": nll,
             "continuation_tokens": tokens, "truncated": sum(s.truncated for s in scores),
             "scores": [s.logprob for s in scores]}
 
 
 def evaluate_task(model, tokenizer, task: DownstreamTask) -> dict:
     fmt, examples = load_task(task.path, task.format, task.limit)
-    result = (evaluate_lambada if fmt == "lambada" else evaluate_choice)(model, tokenizer, examples)
+    if fmt == "lambada":
+        result = evaluate_lambada(model, tokenizer, examples)
+    else:
+        result = evaluate_choice(model, tokenizer, examples, task.acc_norm_by)
     return {"format": fmt, **result}
 
 
@@ -335,7 +348,8 @@ def _tokenizer(cfg: DownstreamBench, ctx: BenchContext):
 @torch.no_grad()
 def run_downstream(cfg: DownstreamBench, ctx: BenchContext) -> list[dict]:
     """One row per task: ``task, format, n, acc, acc_stderr, acc_norm, acc_norm_stderr`` (None for
-    LAMBADA), ``ppl, nll_per_token`` (LAMBADA continuation tokens; None for choice tasks),
+    LAMBADA), ``perplexity`` (LAMBADA, per item as lm-eval), ``ppl_per_token, nll_per_token`` (LAMBADA
+    continuation tokens; None for choice tasks),
     ``continuation_tokens``, ``truncated`` (examples whose context was cut to fit block_size)."""
     tokenizer = _tokenizer(cfg, ctx)
     rows = []

@@ -126,6 +126,7 @@ class DownstreamTask(StrictModel):
     path: str
     format: Literal["auto", "choice", "winogrande", "lambada", "hellaswag"] = "auto"
     limit: int | None = Field(None, gt=0)
+    acc_norm_by: Literal["chars", "bytes"] = Field("chars", description="acc_norm's length: characters (lm-eval) or UTF-8 bytes")
 
 
 class DownstreamBench(_BenchBase):

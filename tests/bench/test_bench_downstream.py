@@ -77,11 +77,11 @@ def test_scores_match_an_explicit_loop_and_pick_acc_and_acc_norm(model, tmp_path
         expected = [loop_loglik(model, TOK.encode(c.rstrip()), TOK.encode(c[len(c.rstrip()):] + k))[0]
                     for c, k in zip(ex.contexts, ex.continuations)]
         assert scores == pytest.approx(expected, abs=1e-4)
-        normed = [e / len(a.encode("utf-8")) for e, a in zip(expected, ex.answers)]
+        normed = [e / len(a) for e, a in zip(expected, ex.answers)]  # characters, as lm-eval
         acc.append(float(max(range(len(expected)), key=expected.__getitem__) == ex.gold))
         acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == ex.gold))
     assert result["acc"] == pytest.approx(sum(acc) / 3) and result["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
-    assert result["n"] == 3 and result["truncated"] == 1 and result["ppl"] is None
+    assert result["n"] == 3 and result["truncated"] == 1 and result["perplexity"] is None
     p = sum(acc) / 3
     assert result["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))
 
@@ -122,7 +122,9 @@ def test_is_greedy_and_lambada_metrics(model):
     loops = [loop_loglik(model, TOK.encode(e.context), TOK.encode(e.continuation)) for e in examples]
     tokens = sum(len(e.continuation) for e in examples)
     assert result["nll_per_token"] == pytest.approx(-sum(ll for ll, _ in loops) / tokens, abs=1e-5)
-    assert result["ppl"] == pytest.approx(math.exp(result["nll_per_token"]))
+    assert result["ppl_per_token"] == pytest.approx(math.exp(result["nll_per_token"]))
+    # lm-eval's LAMBADA perplexity: per item, exp(-mean of the summed log-likelihoods)
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(ll for ll, _ in loops) / len(loops)), rel=1e-5)
     assert result["acc"] == sum(g for _, g in loops) / 2 and result["acc_norm"] is None
 
 
@@ -221,3 +223,25 @@ def test_copa_from_shared_data(model):
     (row,) = run_downstream(cfg, context(model, tokenizer=TOK))
     assert row["task"] == "copa" and row["format"] == "choice" and row["n"] == 20
     assert 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1 and row["continuation_tokens"] > 20 * 2 * 10
+
+
+def test_hellaswag_hf_fields_are_read_as_lm_eval_builds_the_query():
+    record = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow [title] on",
+              "ctx_b": "the window", "endings": ["smiles.", "[header] leaves."], "label": "0"}
+    from attnlab.bench.downstream import detect_format, parse_example
+
+    assert detect_format(record) == "hellaswag"
+    ex = parse_example(record, "hellaswag", "t:1")
+    assert ex.contexts[0] == "Removing ice from car: Then, the man writes over the snow. on The window"
+    assert ex.answers == ["smiles.", " leaves."] and ex.gold == 0
+
+
+def test_acc_norm_divides_by_characters_or_bytes(model):
+    from attnlab.bench.downstream import ChoiceExample
+
+    ex = ChoiceExample(["Q:", "Q:"], [" é", " ab"], ["é", "ab"], 0)  # 1 vs 2 characters, 2 vs 2 bytes
+    chars = evaluate_choice(model, TOK, [ex])
+    by_bytes = evaluate_choice(model, TOK, [ex], acc_norm_by="bytes")
+    lls = chars["scores"][0]
+    assert chars["acc_norm"] == float(lls[0] / 1 > lls[1] / 2)
+    assert by_bytes["acc_norm"] == float(lls[0] / 2 > lls[1] / 2)
