@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--title", default="attnlab report")
 
-    p = sub.add_parser("export", help="write a model as a Hugging Face Llama folder (config.json + safetensors)",
+    p = sub.add_parser("export", help="write a model as a Hugging Face Llama folder (config, safetensors, tokenizer)",
                        description="Export a run folder, .pt checkpoint, Hugging Face Llama folder or llama2.c "
                                    ".bin as a LlamaForCausalLM folder that transformers loads. Interleaved-RoPE "
                                    "models get their q/k rows permuted to Hugging Face's half-split layout. "
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="weight dtype in the export (default: the model's)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="write the weights alone (default: a run folder's tokenizer travels as tokenizer.json, "
+                        "with bos/eos/pad ids and generation_config.json; needs transformers)")
 
     p = sub.add_parser("retrofit", help="zero-training retrofit of a model's attention (butterfly)",
                        description="Swap selected standard-attention layers of a run folder, .pt checkpoint, Hugging "
@@ -426,9 +429,18 @@ def cmd_export(args, command: str) -> int:
     from attnlab.convert.hf import export_hf_llama
 
     model = load(args.ckpt)
-    out = export_hf_llama(model, args.out, dtype=args.dtype)
+    tokenizer = None
+    if not args.no_tokenizer:
+        from attnlab.runfolder import RunFolder
+
+        try:
+            tokenizer = RunFolder.of(args.ckpt).tokenizer_config()
+        except AttnlabError:
+            tokenizer = None  # a bare checkpoint: no run folder, no known tokenizer
+    out = export_hf_llama(model, args.out, dtype=args.dtype, tokenizer=tokenizer)
     dtype = args.dtype or str(model.embed.weight.dtype).removeprefix("torch.")
-    print(f"wrote {out}: LlamaForCausalLM, {model.num_parameters():,} parameters, {dtype}")
+    with_tok = f", tokenizer {tokenizer.type}" if tokenizer is not None else " (no tokenizer: not a run folder, or --no-tokenizer)"
+    print(f"wrote {out}: LlamaForCausalLM, {model.num_parameters():,} parameters, {dtype}{with_tok}")
     return 0
 
 

@@ -462,8 +462,13 @@ def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                    tokenizer=None) -> Path:
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` folder (config.json + model.safetensors).
+
+    ``tokenizer``: the run's ``TokenizerConfig``; with it the folder also gets the tokenizer
+    (``tokenizer.json`` and its configs, ``convert.hf_tokenizer``), the bos/eos/pad ids in
+    ``config.json`` and a ``generation_config.json``, so ``AutoTokenizer``/lm-eval's ``hf`` model load it.
 
     ``dtype`` (``fp32``/``fp16``/``bf16``) defaults to the model's own. Interleaved-RoPE models get
     their q/k rows permuted to the half-split layout. The folder is written under a temporary name
@@ -475,6 +480,14 @@ def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dt
     cfg = model.config
     target = parse_dtype(dtype) or model.embed.weight.dtype
     hf_config = hf_llama_config(cfg, target)  # raises for unsupported models
+    if tokenizer is not None:
+        from attnlab.convert.hf_tokenizer import hf_tokenizer, special_ids
+
+        hf_tok = hf_tokenizer(tokenizer)  # before anything is written: a missing transformers fails here
+        if len(hf_tok) > cfg.vocab_size:
+            raise CheckpointError(f"the run's tokenizer has {len(hf_tok)} tokens but the model's vocab_size is "
+                                  f"{cfg.vocab_size}")
+        hf_config.update(special_ids(tokenizer))
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists and is not empty; remove it or choose another folder")
@@ -506,7 +519,13 @@ def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dt
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name in ("config.json", "model.safetensors"):
+        names_written = ["config.json", "model.safetensors"]
+        if tokenizer is not None:
+            hf_tok.save_pretrained(str(tmp))
+            generation = {k: v for k, v in special_ids(tokenizer).items()} | {"_from_model_config": True}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            names_written += [p.name for p in tmp.iterdir() if p.name not in names_written]
+        for name in names_written:
             make_public(tmp / name)  # safetensors creates its file 0600: give both the umask's mode
             fsync_path(tmp / name)
         if out.exists():

@@ -202,3 +202,46 @@ def test_export_in_bf16(tmp_path):
     hf_model = _from_pretrained(out, torch.float32)
     back = load_hf_llama(out, dtype="fp32")
     assert _max_diff(hf_model, back, _tokens(6)) <= 1e-4
+
+
+# ---------------------------------------------------------------- the tokenizer travels with the export
+from pathlib import Path  # noqa: E402
+
+from attnlab.config.data import TokenizerConfig  # noqa: E402
+from attnlab.data.tokenizers import build_tokenizer  # noqa: E402
+
+GPT2_FILE = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tokenizers" / "gpt2.tiktoken").resolve()
+TEXTS = ["Hello world", "  leading spaces\n\nand a tab\t!", "émojis 😀 and ünïcode", "123 4567 89.0 1e-5",
+         "don't you'll they've", "code: def f(x):\n    return x ** 2\n", ""]
+
+
+def _tiny(vocab: int):
+    torch.manual_seed(0)
+    return build_model({"vocab_size": vocab, "d_model": 16, "num_layers": 1, "block_size": 16,
+                        "norm": "rmsnorm", "mlp": {"type": "swiglu"}, "attention": {"type": "standard", "num_heads": 2}})
+
+
+@pytest.mark.parametrize("kind", ["byte", "gpt2"])
+def test_export_carries_a_tokenizer_with_equal_ids_and_special_tokens(kind, tmp_path):
+    if kind == "gpt2" and not GPT2_FILE.is_file():
+        pytest.skip(f"needs {GPT2_FILE}")
+    cfg = TokenizerConfig(type=kind, path=str(GPT2_FILE) if kind == "gpt2" else None)
+    ours = build_tokenizer(cfg)
+    out = export_hf_llama(_tiny(ours.vocab_size), tmp_path / "hf", tokenizer=cfg)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+        assert hf_tok.decode(ours.encode(text)) == text
+    config = json.loads((out / "config.json").read_text())
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    eot = 50256 if kind == "gpt2" else None
+    assert config["eos_token_id"] == config["bos_token_id"] == config["pad_token_id"] == eot
+    assert generation.eos_token_id == eot and hf_tok.eos_token_id == eot
+    _from_pretrained(out)  # the folder still loads as a model
+
+
+def test_export_without_a_tokenizer_writes_the_weights_alone(tmp_path):
+    out = export_hf_llama(_tiny(61), tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
