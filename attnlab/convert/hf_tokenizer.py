@@ -48,15 +48,15 @@ def _gpt2_ranks_file(cfg: TokenizerConfig, folder: Path) -> str:
 def hf_tokenizer(cfg: TokenizerConfig):
     """A ``transformers.PreTrainedTokenizerFast`` equivalent to ``cfg``'s tokenizer."""
     _require_transformers()
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
     if cfg.type == "gpt2":
         with tempfile.TemporaryDirectory() as tmp:
-            converter = TikTokenConverter(vocab_file=_gpt2_ranks_file(cfg, Path(tmp)), pattern=GPT2_PATTERN,
-                                          extra_special_tokens=[EOT_TEXT])
-            core = converter.converted()
+            core = TikTokenConverter(vocab_file=_gpt2_ranks_file(cfg, Path(tmp)), pattern=GPT2_PATTERN).converted()
+        # added here, not through the converter's keyword (renamed between transformers 4 and 5)
+        core.add_special_tokens([AddedToken(EOT_TEXT, normalized=False, special=True)])
         if core.token_to_id(EOT_TEXT) != GPT2_EOT_ID:
             raise AttnlabError(f"the rebuilt GPT-2 tokenizer puts {EOT_TEXT} at {core.token_to_id(EOT_TEXT)}, "
                                f"not {GPT2_EOT_ID}")
