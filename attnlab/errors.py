@@ -22,6 +22,16 @@ class ConfigError(AttnlabError):
             text += f" (got {value!r})"
         super().__init__(text)
 
+    def __reduce__(self):  # picklable: raised in a worker process, it reaches the parent intact
+        return (_restore_config_error, (self.args[0], self.path, repr(self.value)))
+
+
+def _restore_config_error(text: str, path: str, value: str) -> ConfigError:
+    err = ConfigError.__new__(ConfigError)
+    Exception.__init__(err, text)
+    err.path, err.value = path, value
+    return err
+
 
 class DataError(AttnlabError):
     """A missing, unreadable or inconsistent data file."""

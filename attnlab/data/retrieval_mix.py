@@ -157,14 +157,49 @@ def split_text(text: np.ndarray, mix: RetrievalMix, val_fraction: float) -> dict
     return {"train": np.asarray(text[: len(text) - num_val]), "heldout": np.asarray(text[len(text) - num_val:])}
 
 
-def mix_documents(tokenizer, mix: RetrievalMix, text: np.ndarray, split: str) -> np.ndarray:
-    """All documents of ``split`` over that split's ``text``: int64 ``(n, length + 1)``."""
+#: documents per worker task when the build runs in parallel (below 4 such chunks: one process)
+PARALLEL_CHUNK = 2000
+_WORKER: dict = {}
+
+
+def _build_range(bounds: tuple[int, int]) -> np.ndarray:
+    tokenizer, mix, split, text, tasks = (_WORKER[k] for k in ("tokenizer", "mix", "split", "text", "tasks"))
+    start, stop = bounds
+    out = np.empty((stop - start, mix.length + 1), dtype=np.int64)
+    for i in range(start, stop):
+        out[i - start] = build_document(tokenizer, mix, document_spec(tokenizer, mix, split, i, len(text), tasks, text),
+                                        text)
+    return out
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def mix_documents(tokenizer, mix: RetrievalMix, text: np.ndarray, split: str, workers: int | None = None) -> np.ndarray:
+    """All documents of ``split`` over that split's ``text``: int64 ``(n, length + 1)``. Each
+    document is a pure function of its index, so large builds run in ``workers`` forked processes
+    (default: the CPUs this process may use) with the same result as one."""
     tasks = set(task_indices(mix, split).tolist())
     n = num_documents(mix, split)
-    out = np.empty((n, mix.length + 1), dtype=np.int64)
-    for i in range(n):
-        out[i] = build_document(tokenizer, mix, document_spec(tokenizer, mix, split, i, len(text), tasks, text), text)
-    return out
+    ranges = [(a, min(n, a + PARALLEL_CHUNK)) for a in range(0, n, PARALLEL_CHUNK)]
+    workers = default_workers() if workers is None else workers
+    _WORKER.update(tokenizer=tokenizer, mix=mix, split=split, text=text, tasks=tasks)
+    try:
+        if workers <= 1 or len(ranges) < 4:
+            parts = [_build_range(r) for r in ranges]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork: the workers inherit the tokenizer, the text and the task set (no pickling)
+            with ProcessPoolExecutor(min(workers, len(ranges)), mp_context=multiprocessing.get_context("fork")) as pool:
+                parts = list(pool.map(_build_range, ranges))
+    finally:
+        _WORKER.clear()
+    return np.concatenate(parts) if parts else np.empty((0, mix.length + 1), dtype=np.int64)
 
 
 def mix_file(tokenizer, tok_cfg: TokenizerConfig, mix: RetrievalMix, text: np.ndarray, val_fraction: float,

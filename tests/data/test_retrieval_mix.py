@@ -192,3 +192,16 @@ def test_follow_up_questions_ask_about_every_other_key():
         assert (f"The value of key {name} is {value}." in tail) == (name != task.key)
     assert len(task.pairs) == 4
 
+
+
+def test_a_parallel_build_equals_the_sequential_one(monkeypatch):
+    import attnlab.data.retrieval_mix as rm
+
+    monkeypatch.setattr(rm, "PARALLEL_CHUNK", 7)  # 40 documents -> 6 worker tasks
+    text = text_tokens()
+    for m in (mix(), mix(min_task_length=300), mix(task_fraction=1.0, kinds=["multikey"])):
+        assert np.array_equal(mix_documents(TOK, m, text, "train", workers=2),
+                              mix_documents(TOK, m, text, "train", workers=1))
+    bad = mix(min_task_length=399)  # no room for the answer: the worker's error reaches the caller as itself
+    with pytest.raises(ConfigError, match="min_task_length"):
+        mix_documents(TOK, bad, text, "train", workers=2)
