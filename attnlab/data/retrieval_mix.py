@@ -205,8 +205,9 @@ def mix_documents(tokenizer, mix: RetrievalMix, text: np.ndarray, split: str, wo
 def mix_file(tokenizer, tok_cfg: TokenizerConfig, mix: RetrievalMix, text: np.ndarray, val_fraction: float,
              cache_dir: Path, text_label: str) -> Path:
     """Build (or reuse) the cached ``.npy`` of train then held-out documents, with its sidecar."""
-    text = np.asarray(text)
-    text_sha = hashlib.sha256(np.ascontiguousarray(text, dtype=np.int64).tobytes()).hexdigest()
+    # in memory as int64 once: slicing a memory-mapped uint8 file per document is ~18x slower
+    text = np.ascontiguousarray(text, dtype=np.int64)
+    text_sha = hashlib.sha256(text.tobytes()).hexdigest()
     dump = mix.model_dump(mode="json")
     if not dump["follow_up"]:  # documents without follow-ups are what they were before the option existed
         del dump["follow_up"]
