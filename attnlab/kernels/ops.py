@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import library as op_registry
 
 from attnlab.cache.kv import CacheStep
 
-OP_LIBRARY = __package__.split(".")[0]  # the torch.library holding our custom ops, named after the package
+OP_NAMESPACE = __package__.split(".")[0]  # the custom-op namespace, named after the package
 _ACTIVE: list = []  # [(ModelCache, max_length)] while a compiled forward runs
 
 
@@ -35,7 +36,7 @@ def _current():
     return _ACTIVE[-1]
 
 
-@torch.library.custom_op(OP_LIBRARY + "::cached_layer_attention", mutates_args=())
+@op_registry.custom_op(OP_NAMESPACE + "::cached_layer_attention", mutates_args=())
 def cached_layer_attention(layer_index: int, names: str, scales: list[float], q: list[torch.Tensor],
                            fields: list[torch.Tensor], offsets: torch.Tensor, valid: torch.Tensor,
                            lengths: torch.Tensor, positions: torch.Tensor, null_k: list[torch.Tensor],
