@@ -22,52 +22,35 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.cache.policy import CachePolicy, native_format
+from attnlab.cache.policy import CachePolicy
 from attnlab.cache.storage import FieldStore
+from attnlab.cache.window import WindowRingCache, head_rows
 from attnlab.config.attention import AttentionDims
 from attnlab.errors import AttnlabError
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2).flatten(2)  # (B, KV, T, d) -> (B, T, KV * d)
-
-
-class ChunkedLayerCache:
+class ChunkedLayerCache(WindowRingCache):
     """Boundary rows + window ring + SSM states of one layer (module docstring)."""
-
-    #: decode runs as torch ops on device-side positions only (a runtime may capture it)
-    device_side_decode = True
 
     def __init__(self, dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
         layout = dims.chunks
         if layout is None:
             raise ValueError("ChunkedLayerCache needs AttentionDims.chunks")
-        if dims.value_alias is not None or dims.null_token:
-            raise AttnlabError("a chunk-boundary cache stores separate keys and values and no null token")
-        self.dims = dims
-        self.batch, self.capacity, self.dtype = batch, capacity, dtype
+        super().__init__(dims, policy, batch, capacity, device, dtype,
+                         ring_size=layout.window + 1 + policy.rollback, what="chunk-boundary")
         self.chunk_size, self.window = layout.chunk_size, layout.window
-        self.ring_size = layout.window + 1 + policy.rollback
         # states kept for the newest positions; at least 2, so that a step at position n (e.g. a
         # CUDA-graph warm-up, undone by resetting the lengths) never overwrites n - 1's
         self.history = policy.rollback + 2
         self.num_regions = -(-capacity // layout.chunk_size)
         self.scratch_row = self.num_regions + 1
-        native = native_format(dtype)
-        kv = dims.num_kv_heads
-        self.row_lengths = {name: kv * hd for name, hd in dims.token_fields.items()}
-        self.formats = {name: policy.format_for(name, native) for name in dims.cache_fields}
-        self.ring = {name: FieldStore(self.formats[name], n, batch, self.ring_size, device, dtype)
-                     for name, n in self.row_lengths.items()}
         self.boundaries = {name: FieldStore(self.formats[name], n, batch, self.num_regions + 2, device, dtype)
                            for name, n in self.row_lengths.items()} if layout.boundary_rows else {}
-        self.slot_position = torch.full((batch, self.ring_size), -1, dtype=torch.long, device=device)
         self.state_dtype = torch.promote_types(dtype, torch.float32)
         self.states = {name: torch.zeros(batch, self.history, *shape, dtype=self.state_dtype, device=device)
                        for name, shape in layout.states}
         self.state_position = torch.full((batch, self.history), -1, dtype=torch.long, device=device)
-        self.kernel_plans: dict = {}
 
     # ------------------------------------------------------------------ states
     def load_states(self, pos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,22 +90,11 @@ class ChunkedLayerCache:
         batch_index = torch.arange(pos.shape[0], device=pos.device)
         slot = pos % self.ring_size
         for name, t in fields.items():
-            rows = _rows(t)
+            rows = head_rows(t)
             self.ring[name].write_at(slot, rows)
             if row is not None:
                 self.boundaries[name].write_at(row, rows)
         self.slot_position.index_put_((batch_index, slot), pos)
-
-    def ring_rows(self, pos: torch.Tensor, fresh: dict[str, torch.Tensor]):
-        """The ring as (B, KV, R, d) keys and values with each sequence's newest token (at
-        ``pos``) taken exactly from ``fresh``, and the slot positions (B, R)."""
-        newest = torch.arange(self.ring_size, device=pos.device) == (pos % self.ring_size).unsqueeze(1)
-        out = []
-        for name in ("k", "v"):
-            rows = self.ring[name].read(0, self.ring_size)
-            rows = torch.where(newest.unsqueeze(-1), _rows(fresh[name]).to(rows.dtype), rows)
-            out.append(self._heads(rows))
-        return out[0], out[1], self.slot_position
 
     def rows_for(self, length: int) -> int:
         """Boundary rows that queries at positions below ``length`` can read (sink + regions)."""
@@ -155,16 +127,13 @@ class ChunkedLayerCache:
         first = max(0, positions.numel() - self.ring_size)
         slots = positions[first:] % self.ring_size
         for name, t in fields.items():
-            data = _rows(t)[0]  # (n, row)
+            data = head_rows(t)[0]  # (n, row)
             if self.boundaries and bool(is_row.any()):
                 self.boundaries[name].write_rows(b, rows, data[is_row])
             self.ring[name].write_rows(b, slots, data[first:])
         self.slot_position[b, slots] = positions[first:]
 
     # ------------------------------------------------------------------ bookkeeping
-    def _heads(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.unflatten(2, (self.dims.num_kv_heads, -1)).transpose(1, 2)
-
     def check_rollback(self, b: int, new_length: int) -> None:
         """Refuse a rollback the states or the ring cannot undo exactly."""
         if new_length == 0:
@@ -205,9 +174,6 @@ class ChunkedLayerCache:
         total += sum(t.numel() * t.element_size() for t in self.states.values())
         total += self.batch * self._row_bytes(self.boundaries)  # the scratch row
         return total + sum(t.numel() * t.element_size() for t in (self.slot_position, self.state_position))
-
-    def tail_bytes(self) -> int:
-        return 0
 
     def bytes_allocated(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.slot_position, self.state_position))

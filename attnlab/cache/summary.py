@@ -25,53 +25,36 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.cache.policy import CachePolicy, native_format
+from attnlab.cache.policy import CachePolicy
 from attnlab.cache.storage import FieldStore
+from attnlab.cache.window import WindowRingCache, head_rows
 from attnlab.config.attention import AttentionDims
 from attnlab.errors import AttnlabError
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2).flatten(2)  # (B, KV, T, d) -> (B, T, KV * d)
-
-
-class SummaryLayerCache:
+class SummaryLayerCache(WindowRingCache):
     """Window pool + summary pool of one layer (module docstring). ``fields``: the per-token
     fields of ``dims`` (``k``, ``v``); formats from ``policy`` (``k``/``v`` for the window pool,
     ``k_sum``/``v_sum`` for the summary pool; the model's dtype by default)."""
-
-    #: decode runs as torch ops on device-side positions only (a runtime may capture it)
-    device_side_decode = True
 
     def __init__(self, dims: AttentionDims, policy: CachePolicy, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
         layout = dims.summaries
         if layout is None:
             raise ValueError("SummaryLayerCache needs AttentionDims.summaries")
-        if dims.value_alias is not None or dims.null_token:
-            raise AttnlabError("a window + summary cache stores separate keys and values and no null token")
-        self.dims = dims
-        self.batch, self.capacity, self.dtype = batch, capacity, dtype
+        super().__init__(dims, policy, batch, capacity, device, dtype, ring_size=layout.window + policy.rollback,
+                         what="window + summary")
         self.window, self.block_size = layout.window, layout.block_size
-        self.ring_size = layout.window + policy.rollback
         # running sums kept for the newest positions; at least 2, so that a step at position n
         # (e.g. a CUDA-graph warm-up, undone by resetting the lengths) never overwrites n - 1's
         self.history = policy.rollback + 2
         self.num_blocks = -(-capacity // layout.block_size)
-        native = native_format(dtype)
-        kv = dims.num_kv_heads
-        self.row_lengths = {name: kv * hd for name, hd in dims.token_fields.items()}
-        self.formats = {name: policy.format_for(name, native) for name in dims.cache_fields}
-        self.ring = {name: FieldStore(self.formats[name], n, batch, self.ring_size, device, dtype)
-                     for name, n in self.row_lengths.items()}
         self.summaries = {name: FieldStore(self.formats[f"{name}_sum"], n, batch, self.num_blocks, device, dtype)
                           for name, n in self.row_lengths.items()}
-        self.slot_position = torch.full((batch, self.ring_size), -1, dtype=torch.long, device=device)
         acc = torch.promote_types(dtype, torch.float32)
         self.running = {name: torch.zeros(batch, self.history, n, dtype=acc, device=device)
                         for name, n in self.row_lengths.items()}
         self.running_position = torch.full((batch, self.history), -1, dtype=torch.long, device=device)
-        self.kernel_plans: dict = {}
 
     # ------------------------------------------------------------------ one token (capturable)
     def append_token(self, pos: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
@@ -82,7 +65,7 @@ class SummaryLayerCache:
         here, before = pos % self.history, (pos - 1) % self.history
         slot = pos % self.ring_size
         for name, t in fields.items():
-            row = _rows(t)  # (B, 1, n)
+            row = head_rows(t)  # (B, 1, n)
             run = self.running[name]
             total = torch.where(starts_block, row[:, 0].to(run.dtype), run[batch_index, before] + row[:, 0].to(run.dtype))
             run.index_put_((batch_index, here), total)
@@ -90,18 +73,6 @@ class SummaryLayerCache:
             self.ring[name].write_at(slot, row)
         self.running_position.index_put_((batch_index, here), pos)
         self.slot_position.index_put_((batch_index, slot), pos)
-
-    def ring_rows(self, pos: torch.Tensor, fresh: dict[str, torch.Tensor]):
-        """The whole window pool as (B, KV, R, d) keys and values, with each sequence's newest
-        token (at ``pos``) taken exactly from ``fresh`` rather than as stored, and the position
-        of every slot (B, R) (-1: empty)."""
-        newest = (torch.arange(self.ring_size, device=pos.device) == (pos % self.ring_size).unsqueeze(1))
-        out = []
-        for name in ("k", "v"):
-            rows = self.ring[name].read(0, self.ring_size)  # (B, R, n)
-            rows = torch.where(newest.unsqueeze(-1), _rows(fresh[name]).to(rows.dtype), rows)
-            out.append(self._heads(rows))
-        return out[0], out[1], self.slot_position
 
     def summary_rows(self, blocks: torch.Tensor):
         """Summary keys and values of ``blocks`` (B, n) -> (B, KV, n, d) each."""
@@ -120,7 +91,7 @@ class SummaryLayerCache:
             if n == 0:
                 continue
             for name, t in fields.items():
-                rows = _rows(t[b:b + 1, :, :n])[0].to(self.running[name].dtype)  # (n, row)
+                rows = head_rows(t[b:b + 1, :, :n])[0].to(self.running[name].dtype)  # (n, row)
                 start = offset
                 while start < offset + n:
                     block = start // self.block_size
@@ -147,7 +118,7 @@ class SummaryLayerCache:
             positions = torch.arange(offset + first, offset + n, device=device)
             slots = positions % self.ring_size
             for name, t in fields.items():
-                self.ring[name].write_rows(b, slots, _rows(t[b:b + 1, :, first:n])[0])
+                self.ring[name].write_rows(b, slots, head_rows(t[b:b + 1, :, first:n])[0])
             self.slot_position[b, slots] = positions
 
     def stored_ring(self):
@@ -161,9 +132,6 @@ class SummaryLayerCache:
         return self._heads(self.summaries["k"].read(0, blocks)), self._heads(self.summaries["v"].read(0, blocks))
 
     # ------------------------------------------------------------------ bookkeeping
-    def _heads(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.unflatten(2, (self.dims.num_kv_heads, -1)).transpose(1, 2)
-
     def check_rollback(self, b: int, new_length: int) -> None:
         """Refuse a rollback the pools cannot undo exactly."""
         need = torch.arange(max(0, new_length - self.window), new_length, device=self.slot_position.device)
@@ -193,9 +161,6 @@ class SummaryLayerCache:
         total = sum(store.bytes_allocated() for store in self.ring.values())
         total += sum(t.numel() * t.element_size() for t in self.running.values())
         return total + sum(t.numel() * t.element_size() for t in (self.slot_position, self.running_position))
-
-    def tail_bytes(self) -> int:
-        return 0
 
     def bytes_allocated(self) -> int:
         return self.fixed_bytes() + sum(store.bytes_allocated() for store in self.summaries.values())
