@@ -91,6 +91,24 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
     return model.eval()
 
 
+def hf_decoder_config(architecture: str, model_type: str, cfg: ModelConfig, *, intermediate_size: int,
+                      num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, **extra) -> dict:
+    """The ``config.json`` fields every exported decoder shares (sizes, norm, embeddings, special
+    ids left unset, dtype under both of transformers' names), plus the architecture's ``extra``."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": intermediate_size,
+        "num_hidden_layers": len(cfg.attention_specs()), "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size, "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps,
+        **extra,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,  # attnlab models do not record them
+        "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+
+
 def names_list(names: list[str], limit: int = 5) -> str:
     """At most ``limit`` names, comma separated, with a count of the rest."""
     shown = ", ".join(names[:limit])

@@ -1,9 +1,11 @@
-"""Hugging Face Llama checkpoints <-> attnlab models.
+"""Hugging Face checkpoints <-> attnlab models.
 
-``load_hf_llama(folder)`` reads ``config.json`` plus ``model.safetensors`` (or the shards a
-``model.safetensors.index.json`` lists) with the ``safetensors`` package; ``transformers`` is not
-needed. ``export_hf_llama(model, out_dir)`` writes the same layout (``LlamaForCausalLM``), which
-``transformers.LlamaForCausalLM.from_pretrained(out_dir)`` loads.
+``load_hf_llama(folder)`` reads a Llama-family ``config.json`` plus ``model.safetensors`` (or the
+shards a ``model.safetensors.index.json`` lists) with the ``safetensors`` package; ``transformers``
+is not needed. ``export_hf(model, out_dir)`` writes the same layout as a ``LlamaForCausalLM``
+(standard/bottleneck attention) or, for DBA, a partial-rotary ``Phi3ForCausalLM``
+(``attnlab.convert.hf_phi3``), which ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``
+loads.
 
 Both sides use the half-split RoPE layout, so q/k weights pass through unchanged; a model with
 ``rope.style: interleaved`` (e.g. imported from llama2.c) has its q/k rows permuted to half-split
@@ -34,6 +36,7 @@ from attnlab.config.attention import (
 from attnlab.config.base import validate_section
 from attnlab.config.model import MLPConfig, ModelConfig
 from attnlab.convert.common import (
+    hf_decoder_config,
     interleaved_to_half,
     model_from_state,
     names_list,
@@ -378,23 +381,19 @@ def check_weights_against_config(cfg: ModelConfig, tensors: dict[str, torch.Tens
 
 
 # ---------------------------------------------------------------- export
-def _exportable(cfg: ModelConfig) -> tuple[StandardAttentionConfig | BottleneckAttentionConfig, MLPConfig]:
-    """The one attention and MLP spec every layer shares; ``CheckpointError`` listing everything a
-    Hugging Face Llama cannot express."""
+def _uniform_specs(cfg: ModelConfig, target: str) -> tuple[list[str], object, MLPConfig | None]:
+    """(problems, the attention spec and the MLP spec every layer shares) for an export to
+    ``target``: what neither Hugging Face architecture expresses (a topology tree, layernorm, mixed
+    layers, a non-SwiGLU MLP, attention without RoPE, RoPE frequencies no formula gives)."""
     problems: list[str] = []
     if cfg.topology is not None:
         problems.append("an explicit topology tree (model.topology)")
     if cfg.norm != "rmsnorm":
-        problems.append(f"norm {cfg.norm!r} (Llama uses rmsnorm)")
+        problems.append(f"norm {cfg.norm!r} ({target} uses rmsnorm)")
     specs = cfg.attention_specs()
     mlps = [cfg.mlp_for_layer(i) for i in range(len(specs))] if cfg.topology is None else [cfg.mlp]
     for i, spec in enumerate(specs):
-        if not isinstance(spec, StandardAttentionConfig | BottleneckAttentionConfig):
-            extra = " with null tokens" if getattr(spec, "null_token", False) else ""
-            name = "decoupled (DBA)" if isinstance(spec, DecoupledAttentionConfig) else repr(spec.type)
-            problems.append(f"{name} attention{extra} in layer {i}")
-            break
-        if spec.rope is None:
+        if getattr(spec, "rope", None) is None:
             problems.append(f"attention without RoPE in layer {i}")
             break
         if spec != specs[0]:
@@ -402,20 +401,36 @@ def _exportable(cfg: ModelConfig) -> tuple[StandardAttentionConfig | BottleneckA
             break
     for i, mlp in enumerate(mlps):
         if mlp.type != "swiglu":
-            problems.append(f"mlp type {mlp.type!r} (Llama uses swiglu)")
+            problems.append(f"mlp type {mlp.type!r} ({target} uses swiglu)")
             break
         if mlp != mlps[0]:
             problems.append(f"layer {i} has a different mlp config than layer 0 (layer_overrides)")
             break
     spec = specs[0] if specs else None
     if not problems and spec.rope.inv_freq is not None:
-        head_dim = attention_dims(spec, cfg.d_model).qk_head_dim
+        head_dim = next(f.head_dim for f in attention_dims(spec, cfg.d_model).key_fields if f.rotary)
         formula = rope_inv_freq(spec.rope.model_copy(update={"inv_freq": None}), head_dim)
         if not torch.allclose(rope_inv_freq(spec.rope, head_dim), formula, rtol=1e-6, atol=0.0):
             problems.append("explicit rope.inv_freq that theta/scaling do not reproduce")
+    return problems, spec, mlps[0] if mlps else None
+
+
+def _exportable(cfg: ModelConfig) -> tuple[StandardAttentionConfig | BottleneckAttentionConfig, MLPConfig]:
+    """The one attention and MLP spec every layer shares; ``CheckpointError`` listing everything a
+    Hugging Face Llama cannot express."""
+    specs = cfg.attention_specs()
+    problems: list[str] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, StandardAttentionConfig | BottleneckAttentionConfig):
+            extra = " with null tokens" if getattr(spec, "null_token", False) else ""
+            name = "decoupled (DBA)" if isinstance(spec, DecoupledAttentionConfig) else repr(spec.type)
+            problems.append(f"{name} attention{extra} in layer {i}")
+            break
+    if not problems:
+        problems, spec, mlp = _uniform_specs(cfg, "Llama")
     if problems:
         raise CheckpointError("cannot export to a Hugging Face Llama: unsupported " + "; ".join(problems))
-    return spec, mlps[0]
+    return spec, mlp
 
 
 def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -428,58 +443,87 @@ def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         s = rope.scaling
         scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                    "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position}
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": mlp.hidden_dim(cfg.d_model),
-        "num_hidden_layers": len(cfg.attention_specs()),
-        "num_attention_heads": dims.num_heads,
-        "num_key_value_heads": dims.num_kv_heads,
-        "head_dim": dims.qk_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
+    return hf_decoder_config(
+        "LlamaForCausalLM", "llama", cfg, intermediate_size=mlp.hidden_dim(cfg.d_model), num_heads=dims.num_heads,
+        num_kv_heads=dims.num_kv_heads, head_dim=dims.qk_head_dim, dtype=dtype,
         # transformers < 5 reads rope_theta + rope_scaling, transformers >= 5 rope_parameters
-        "rope_theta": rope.theta,
-        "rope_scaling": scaling,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope.theta} if scaling is None
+        rope_theta=rope.theta, rope_scaling=scaling,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.theta} if scaling is None
         else {**scaling, "rope_theta": rope.theta},
-        "attention_bias": spec.bias,
-        "attention_dropout": spec.dropout,
-        "mlp_bias": mlp.bias,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "use_cache": True,
-        "pretraining_tp": 1,
-        "bos_token_id": None,  # attnlab models do not record their tokenizer's special tokens
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
-    }
+        attention_bias=spec.bias, attention_dropout=spec.dropout, mlp_bias=mlp.bias, pretraining_tp=1)
 
 
-def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None,
-                    tokenizer=None) -> Path:
-    """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` folder (config.json + model.safetensors).
+def _llama_tensors(model: DecoderLM, spec, hf_config: dict, target: torch.dtype) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama tensor name -> tensor (interleaved-RoPE q/k rows permuted to half-split)."""
+    cfg = model.config
+    names = tensor_names(hf_config["num_hidden_layers"], attention_bias=spec.bias,
+                         mlp_bias=hf_config["mlp_bias"], tied=cfg.tie_embeddings)
+    state = model.state_dict()
+    extra = [k for k in state if k not in names and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    assert not extra, f"exportable model has tensors without a Hugging Face name: {extra}"
+    tensors: dict[str, torch.Tensor] = {}
+    for ours, theirs in names.items():
+        t = state[ours].detach().to("cpu", target)
+        if spec.rope.style == "interleaved" and re.search(r"\.attention\.(query|key)\.", ours):
+            heads = hf_config["num_attention_heads"] if ".query." in ours else hf_config["num_key_value_heads"]
+            t = interleaved_to_half(t, heads)
+        tensors[theirs] = t.contiguous()
+    return tensors
+
+
+def hf_export_plan(model: DecoderLM, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, tensors) of the stock Hugging Face architecture that computes ``model``'s
+    logits: ``LlamaForCausalLM`` for standard/bottleneck attention, ``Phi3ForCausalLM`` (partial
+    rotary, ``attnlab.convert.hf_phi3``) for DBA. ``CheckpointError`` naming every feature the
+    architecture cannot express, before any tensor is converted."""
+    from attnlab.convert import hf_phi3
+
+    cfg = model.config
+    specs = cfg.attention_specs()
+    if specs and all(isinstance(s, DecoupledAttentionConfig) for s in specs):
+        problems, spec, mlp = _uniform_specs(cfg, "Phi3")
+        if problems:
+            raise CheckpointError("cannot export DBA as a Hugging Face Phi3 (partial-rotary) model: unsupported "
+                                  + "; ".join(problems))
+        hf_phi3.check_phi3_exportable(spec, mlp, cfg)
+        return hf_phi3.phi3_config(cfg, spec, mlp, dtype), hf_phi3.phi3_tensors(model, spec, dtype)
+    hf_config = hf_llama_config(cfg, dtype)  # raises for unsupported models
+    return hf_config, _llama_tensors(model, specs[0], hf_config, dtype)
+
+
+def export_hf(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+              tokenizer=None) -> Path:
+    """Write ``model`` as a Hugging Face folder (config.json + model.safetensors) that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads with the same logits: a
+    ``LlamaForCausalLM`` for standard/bottleneck attention, a ``Phi3ForCausalLM`` with partial
+    rotary embeddings for DBA (``hf_export_plan``).
 
     ``tokenizer``: the run's ``TokenizerConfig``; with it the folder also gets the tokenizer
     (``tokenizer.json`` and its configs, ``convert.hf_tokenizer``), the bos/eos/pad ids in
     ``config.json`` and a ``generation_config.json``, so ``AutoTokenizer``/lm-eval's ``hf`` model load it.
 
-    ``dtype`` (``fp32``/``fp16``/``bf16``) defaults to the model's own. Interleaved-RoPE models get
-    their q/k rows permuted to the half-split layout. The folder is written under a temporary name
-    and renamed into place, so a failure leaves nothing behind; an existing non-empty ``out_dir``
-    is refused. Models a Llama cannot express raise ``CheckpointError`` before anything is written.
+    ``dtype`` (``fp32``/``fp16``/``bf16``) defaults to the model's own. The folder is written under a
+    temporary name and renamed into place, so a failure leaves nothing behind; an existing non-empty
+    ``out_dir`` is refused. Models neither architecture can express raise ``CheckpointError`` before
+    anything is written.
     """
+    target = parse_dtype(dtype) or model.embed.weight.dtype
+    hf_config, tensors = hf_export_plan(model, target)
+    return _write_export(model, out_dir, hf_config, tensors, tokenizer)
+
+
+def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                    tokenizer=None) -> Path:
+    """``export_hf`` restricted to ``LlamaForCausalLM`` (standard/bottleneck attention; DBA is refused)."""
+    _exportable(model.config)  # raises for what a Llama cannot express, DBA included
+    return export_hf(model, out_dir, dtype=dtype, tokenizer=tokenizer)
+
+
+def _write_export(model: DecoderLM, out_dir: str | Path, hf_config: dict, tensors: dict[str, torch.Tensor],
+                  tokenizer) -> Path:
     from safetensors.torch import save_file
 
     cfg = model.config
-    target = parse_dtype(dtype) or model.embed.weight.dtype
-    hf_config = hf_llama_config(cfg, target)  # raises for unsupported models
     if tokenizer is not None:
         from attnlab.convert.hf_tokenizer import hf_tokenizer, special_ids
 
@@ -491,24 +535,11 @@ def export_hf_llama(model: DecoderLM, out_dir: str | Path, dtype: str | torch.dt
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists and is not empty; remove it or choose another folder")
-    spec = cfg.attention_specs()[0]
-    names = tensor_names(hf_config["num_hidden_layers"], attention_bias=spec.bias,
-                         mlp_bias=hf_config["mlp_bias"], tied=cfg.tie_embeddings)
-    state = model.state_dict()
-    extra = [k for k in state if k not in names and not (cfg.tie_embeddings and k == "lm_head.weight")]
-    assert not extra, f"exportable model has tensors without a Hugging Face name: {extra}"
-    tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for ours, theirs in names.items():
-        t = state[ours].detach().to("cpu", target)
-        if spec.rope.style == "interleaved" and re.search(r"\.attention\.(query|key)\.", ours):
-            heads = hf_config["num_attention_heads"] if ".query." in ours else hf_config["num_key_value_heads"]
-            t = interleaved_to_half(t, heads)
-        t = t.contiguous()
+    for name, t in tensors.items():
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
-            t = t.clone()
+            tensors[name] = t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
-        tensors[theirs] = t
 
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:

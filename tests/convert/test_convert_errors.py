@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from attnlab.api import build_model, load  # noqa: E402
 from attnlab.cli import main  # noqa: E402
-from attnlab.convert import export_hf_llama, load_hf_llama  # noqa: E402
+from attnlab.convert import export_hf, export_hf_llama, load_hf_llama  # noqa: E402
 from attnlab.errors import CheckpointError  # noqa: E402
 from attnlab.train.checkpoint import FORMAT, VERSION, save_checkpoint  # noqa: E402
 
@@ -157,6 +157,39 @@ def test_export_refuses_what_llama_cannot_express(tmp_path, overrides, expected)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temp folder
 
 
+DBA = {"type": "decoupled", "num_heads": 2, "sem_dim": 8, "geo_dim": 8}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"null_token": True}, "null_token"),
+    ({"gate": True}, "gate"),
+    ({"v_dim": 8}, "v_dim=8"),
+    ({"bias": True}, "attention bias"),
+    ({"rope": {"scaling": {"type": "llama3", "original_max_position": 16}}}, "rope.scaling llama3"),
+    ({"rope": {"theta": 500.0, "inv_freq": [1.0, 0.5]}}, "explicit rope.inv_freq"),
+])
+def test_dba_export_refuses_what_partial_rotary_cannot_express(tmp_path, overrides, expected):
+    message = _one_line_error(export_hf, _model(attention={**DBA, **overrides}), tmp_path / "out")
+    assert message.startswith("cannot export DBA as a Hugging Face Phi3 (partial-rotary) model") and expected in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dba_export_refuses_mixed_layers_and_llama_refuses_dba(tmp_path):
+    mixed = _model(attention=DBA, layer_overrides=[{"layers": [1], "attention": {**DBA, "geo_dim": 4, "sem_dim": 12}}])
+    assert "layer 1 has a different attention config" in _one_line_error(export_hf, mixed, tmp_path / "a")
+    message = _one_line_error(export_hf_llama, _model(attention=DBA), tmp_path / "b")
+    assert message.startswith("cannot export to a Hugging Face Llama") and "decoupled (DBA)" in message
+
+
+def test_rotary_factor_gives_back_the_rotary_dims():
+    from attnlab.convert.hf_phi3 import rotary_factor
+
+    for head_dim in range(2, 400, 2):
+        for rotary in range(2, head_dim, 2):
+            factor = rotary_factor(rotary, head_dim)
+            assert int(head_dim * factor) == rotary and factor < (rotary + 1) / head_dim
+
+
 def test_export_of_explicit_rope_frequencies(tmp_path):
     from attnlab.config.attention import RopeConfig
     from attnlab.nn.rope import rope_inv_freq
@@ -210,12 +243,15 @@ def test_load_dispatches_and_cli_exports(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert "model_type='bert'" in _one_line_error(load, tmp_path / "other")
-    # the CLI reports unsupported models on one line and exits 2
-    dba = _model(attention={"type": "decoupled", "num_heads": 2, "sem_dim": 8, "geo_dim": 8})
-    save_checkpoint(tmp_path / "dba.pt", {"format": FORMAT, "version": VERSION,
-                                          "model_config": dba.config.model_dump(mode="json"),
-                                          "model": dba.state_dict()})
-    assert main(["export", "--ckpt", str(tmp_path / "dba.pt"), "--out", str(tmp_path / "x")]) == 2
+    # DBA exports as a partial-rotary Phi3; what it cannot express is one line and exit 2
+    for name, extra in (("dba", {}), ("dba_null", {"null_token": True})):
+        dba = _model(attention={"type": "decoupled", "num_heads": 2, "sem_dim": 8, "geo_dim": 8, **extra})
+        save_checkpoint(tmp_path / f"{name}.pt", {"format": FORMAT, "version": VERSION,
+                                                   "model_config": dba.config.model_dump(mode="json"),
+                                                   "model": dba.state_dict()})
+    assert main(["export", "--ckpt", str(tmp_path / "dba.pt"), "--out", str(tmp_path / "phi3")]) == 0
+    assert "Phi3ForCausalLM" in capsys.readouterr().out
+    assert main(["export", "--ckpt", str(tmp_path / "dba_null.pt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnlab export: error: cannot export") and "\n" not in err
     assert not (tmp_path / "x").exists()

@@ -204,6 +204,46 @@ def test_export_in_bf16(tmp_path):
     assert _max_diff(hf_model, back, _tokens(6)) <= 1e-4
 
 
+# ---------------------------------------------------------------- DBA as a partial-rotary Phi3
+DBA_EXPORTS = {
+    "gqa_untied": ({"type": "decoupled", "num_heads": 4, "num_kv_heads": 2, "sem_dim": 16, "geo_dim": 32},
+                   {"tie_embeddings": False}),
+    "tied_qk_interleaved_tied": ({"type": "decoupled", "num_heads": 4, "sem_dim": 24, "geo_dim": 8, "tie_qk": True,
+                                  "rope": {"style": "interleaved", "theta": 500.0}}, {"tie_embeddings": True}),
+    "mqa_wide_geo": ({"type": "decoupled", "num_heads": 2, "num_kv_heads": 1, "sem_dim": 12, "geo_dim": 36},
+                     {"tie_embeddings": False, "norm_eps": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("case", list(DBA_EXPORTS))
+def test_dba_export_loads_as_partial_rotary_phi3_with_equal_logits(case, tmp_path):
+    from attnlab.convert import export_hf
+
+    attention, extra = DBA_EXPORTS[case]
+    ours = _attnlab_model(7, attention, **extra)
+    out = export_hf(ours, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    sem, geo = attention["sem_dim"] // attention["num_heads"], attention["geo_dim"] // attention["num_heads"]
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["head_dim"] == sem + geo
+    assert int(config["head_dim"] * config["partial_rotary_factor"]) == geo
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf_model).__name__ == "Phi3ForCausalLM"
+    assert _max_diff(hf_model, ours, _tokens(7, 40)) <= 1e-4
+
+
+def test_dba_export_generates_what_attnlab_generates(tmp_path):
+    from attnlab.convert import export_hf
+    from attnlab.infer.generate import generate
+
+    ours = _attnlab_model(8, DBA_EXPORTS["gqa_untied"][0], tie_embeddings=False)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_hf(ours, tmp_path / "hf")).eval()
+    prompt = _tokens(8, 12)[:1]
+    with torch.no_grad():
+        theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                                   pad_token_id=VOCAB)[0, 12:].tolist()
+    assert generate(ours, [prompt[0].tolist()], 20).tokens[0] == theirs
+
+
 # ---------------------------------------------------------------- the tokenizer travels with the export
 from pathlib import Path  # noqa: E402
 
