@@ -34,6 +34,9 @@ class TrainConfig(StrictModel):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or grad norm: stop the run (keeping the last good checkpoints) "
                             "or skip that step (no optimizer update) and log it")
+    tracking: Literal["none", "tensorboard"] = Field(
+        "none", description="tensorboard: rank 0 also writes train/eval scalars to <run_dir>/tensorboard/ "
+                            "(needs the tensorboard package)")
     max_nonfinite_skips: int = Field(
         10, ge=0, description="with on_nonfinite: skip, stop after more than this many consecutive skipped steps")
 

@@ -50,7 +50,7 @@ REQUIRED_KEYS = ("format", "version", "step", "model_config", "train_config", "d
                  "model", "optimizer", "rng", "best_val_loss", "tokens_seen")
 # Train-config keys that may change between an interrupted run and its resume.
 RESUMABLE_TRAIN_KEYS = frozenset({"steps", "eval_every", "eval_batches", "log_every", "save_every",
-                                  "on_nonfinite", "max_nonfinite_skips"})
+                                  "on_nonfinite", "max_nonfinite_skips", "tracking"})
 TRAILER_MAGIC = b"ATTNSHA2"
 CHECKSUM_TAG = "sha256-trailer"  # payload["checksum"] of files written with the trailer
 TRAILER_SIZE = len(TRAILER_MAGIC) + 32 + 8

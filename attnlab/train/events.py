@@ -99,8 +99,12 @@ def repair_events(path: Path) -> str | None:
 
 
 class EventLog:
-    def __init__(self, path: Path | None):
+    """Appends events to ``path`` (None: a disabled log, as on ranks other than 0); ``sink``, when
+    set, is called with ``(event, fields)`` after each event is written (experiment tracking)."""
+
+    def __init__(self, path: Path | None, sink=None):
         self.path = path
+        self.sink = sink
         self._repaired = False
 
     def repair(self) -> str | None:
@@ -140,6 +144,8 @@ class EventLog:
                     pass
                 raise EventLogError(f"{self.path}: cannot write event {event!r} ({err.strerror or err}); "
                                     "the log is as it was") from None
+        if self.sink is not None:
+            self.sink(event, fields)
 
 
 def read_events(path: Path, event: str | None = None) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ from attnlab.train.distributed import (DistInfo, ParallelModel, all_reduce_mean,
                                        resolve_device)
 from attnlab.train.evaluate import Evaluator
 from attnlab.train.events import EventLog
+from attnlab.train.tracking import build_tracker
 from attnlab.train.optim import build_optimizer
 from attnlab.train.schedule import lr_at
 from attnlab.train.state import TrainState, make_payload, restore
@@ -188,24 +189,28 @@ class Trainer:
         target = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if state.step >= target:
             return state
-        with self._start(), _InterruptFlag(self.progress.note) as interrupt:
-            try:
-                while state.step < target:
-                    stats = self._timed_step()
-                    if stats.finite and state.step % cfg.log_every == 0:  # a skipped step has its own event
-                        self._log(stats)
-                    improved = self._eval() if state.step % cfg.eval_every == 0 or state.step == cfg.steps else False
-                    last = state.step % cfg.checkpoint_every == 0 or state.step == target
-                    if last or improved:
-                        self._checkpoint(last=last, best=improved)
-                    if self._interrupt_requested(interrupt) and state.step < target:
-                        raise KeyboardInterrupt
-            except (TrainingInterrupted, _Abort):
-                raise
-            except KeyboardInterrupt:
-                self._save_interrupted()
-            if state.step == cfg.steps:
-                self._finish()
+        try:
+            with self._start(), _InterruptFlag(self.progress.note) as interrupt:
+                try:
+                    while state.step < target:
+                        stats = self._timed_step()
+                        if stats.finite and state.step % cfg.log_every == 0:  # a skipped step has its own event
+                            self._log(stats)
+                        evaluate = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+                        improved = self._eval() if evaluate else False
+                        last = state.step % cfg.checkpoint_every == 0 or state.step == target
+                        if last or improved:
+                            self._checkpoint(last=last, best=improved)
+                        if self._interrupt_requested(interrupt) and state.step < target:
+                            raise KeyboardInterrupt
+                except (TrainingInterrupted, _Abort):
+                    raise
+                except KeyboardInterrupt:
+                    self._save_interrupted()
+                if state.step == cfg.steps:
+                    self._finish()
+        finally:
+            self._close_tracker()
         return state
 
     # ------------------------------------------------------------------ pieces
@@ -230,9 +235,15 @@ class Trainer:
         raise TrainingInterrupted(f"interrupted at step {step}/{self.cfg.steps}: {saved}; "
                                   "run the same command again to resume", step) from None
 
+    def _close_tracker(self) -> None:
+        tracker, self.events.sink = self.events.sink, None
+        if tracker is not None:
+            tracker.close()
+
     def _start(self) -> Progress:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.events.sink = build_tracker(self.cfg.tracking, self.run_dir, self.resumed_from)
         if self.progress is None:
             self.progress = Progress(self.cfg.steps, self.state.step, enabled=self.info.is_main)
         self._t0 = time.perf_counter()
@@ -242,6 +253,9 @@ class Trainer:
         notice = load_notice() if self.info.is_main else None
         if notice:
             self.progress.note(notice)
+        if self.events.sink is not None:
+            self.progress.note(f"tracking: TensorBoard event files in {self.events.sink.log_dir} "
+                               f"(tensorboard --logdir {self.events.sink.log_dir})")
         repaired = self.events.repair()
         if repaired and self.info.is_main:
             print(f"warning: {repaired}", file=sys.stderr, flush=True)
