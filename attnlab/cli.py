@@ -1,9 +1,10 @@
-"""Command line: ``attnlab compile | run | train | sample | bench | report | export | prepare``. Thin: parses arguments and
+"""Command line: ``attnlab compile | run | train | sample | bench | eval | report | export | prepare``. Thin: parses arguments and
 calls library functions. User errors print one line and exit 2; bugs keep their traceback."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -104,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--report", type=Path, help="run folder/checkpoint targets: also write a report folder here")
 
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run folder or checkpoint; saves a bench record",
+                       description="Evaluate with lm-evaluation-harness (pip install attnlab[eval]): "
+                                   "lm_eval.simple_evaluate with attnlab's AttnlabLM adapter. Task names come from "
+                                   "lm-eval's registry (their data is downloaded by lm-eval: needs network) or from "
+                                   "--include-path folders of task YAMLs (configs/lm_eval/ holds offline tasks over "
+                                   "../shared/data/eval). The result is saved as <run_dir>/bench/<id>.json, "
+                                   "so reports pick it up.")
+    p.add_argument("target", type=Path, help="run folder or checkpoint")
+    p.add_argument("--tasks", required=True, help="comma-separated task or group names")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable)")
+    p.add_argument("--limit", type=int, help="documents per task")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--cache-policy", help="KV cache policy for generation tasks (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (0: its defaults)")
+    p.add_argument("--tokenizer-path", help="local .tiktoken for a GPT-2-tokenized bare checkpoint")
+    p.add_argument("--id", help="record name (default lm_eval)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+
     p = sub.add_parser("report", help="regenerate a report folder from run folders (nothing re-measured)",
                        description="Write report.json, CSVs, LaTeX tables, PNG plots and report.md from "
                                    "finished run folders and their saved benchmark records.")
@@ -112,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--title", default="attnlab report")
 
-    p = sub.add_parser("export", help="write a model as a Hugging Face Llama folder (config, safetensors, tokenizer)",
+    p = sub.add_parser("export", help="write a model as a Hugging Face folder (config, safetensors, tokenizer)",
                        description="Export a run folder, .pt checkpoint, Hugging Face Llama folder or llama2.c "
-                                   ".bin as a LlamaForCausalLM folder that transformers loads. Interleaved-RoPE "
-                                   "models get their q/k rows permuted to Hugging Face's half-split layout. "
-                                   "DBA, layernorm, gelu and topology-tree models cannot be exported.")
+                                   ".bin as a folder that transformers loads with the same logits: a "
+                                   "LlamaForCausalLM for standard/bottleneck attention, a partial-rotary "
+                                   "Phi3ForCausalLM for DBA (without null token or gate, v dims = sem + geo). "
+                                   "Interleaved-RoPE models get their q/k rows permuted to Hugging Face's "
+                                   "half-split layout. Layernorm, gelu and topology-tree models cannot be exported.")
     p.add_argument("--ckpt", required=True, type=Path, help="run folder, .pt, HF folder or llama2.c .bin")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -414,6 +438,25 @@ def cmd_bench(args, command: str) -> int:
     return 0
 
 
+def cmd_eval(args, command: str) -> int:
+    from attnlab.bench.suite import Target, run_benchmarks
+    from attnlab.config.bench import validate_benchmarks
+
+    spec = {"type": "lm_eval", "tasks": [t.strip() for t in args.tasks.split(",")], "include_path": args.include_path,
+            "limit": args.limit, "num_fewshot": args.num_fewshot, "policy": args.cache_policy,
+            "batch_size": args.batch_size, "seed": args.seed, "tokenizer_path": args.tokenizer_path, "id": args.id,
+            "device": args.device, "dtype": args.dtype}
+    (cfg,) = validate_benchmarks([{k: v for k, v in spec.items() if v is not None}], "eval")
+    target = Target(args.target)
+    for record in run_benchmarks([cfg], target, command, save=target.config is not None,
+                                 progress=lambda m: print(m, file=sys.stderr, flush=True)):
+        _print_record(record)
+    if target.config is not None:
+        print(f"\nrecord saved in {target.run_dir / 'bench'} ({cfg.name}.json, or {cfg.name}.<hash>.json beside "
+              f"a record with other settings)")
+    return 0
+
+
 def cmd_report(args, command: str) -> int:
     from attnlab.report import write_report
     from attnlab.report.collect import expand_run_dirs
@@ -426,7 +469,7 @@ def cmd_report(args, command: str) -> int:
 
 def cmd_export(args, command: str) -> int:
     from attnlab.api import load
-    from attnlab.convert.hf import export_hf_llama
+    from attnlab.convert.hf import export_hf
 
     model = load(args.ckpt)
     tokenizer = None
@@ -437,10 +480,11 @@ def cmd_export(args, command: str) -> int:
             tokenizer = RunFolder.of(args.ckpt).tokenizer_config()
         except AttnlabError:
             tokenizer = None  # a bare checkpoint: no run folder, no known tokenizer
-    out = export_hf_llama(model, args.out, dtype=args.dtype, tokenizer=tokenizer)
+    out = export_hf(model, args.out, dtype=args.dtype, tokenizer=tokenizer)
     dtype = args.dtype or str(model.embed.weight.dtype).removeprefix("torch.")
     with_tok = f", tokenizer {tokenizer.type}" if tokenizer is not None else " (no tokenizer: not a run folder, or --no-tokenizer)"
-    print(f"wrote {out}: LlamaForCausalLM, {model.num_parameters():,} parameters, {dtype}{with_tok}")
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"wrote {out}: {architecture}, {model.num_parameters():,} parameters, {dtype}{with_tok}")
     return 0
 
 
@@ -474,7 +518,7 @@ def cmd_retrofit(args, command: str) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample,
-            "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare,
+            "bench": cmd_bench, "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare,
             "retrofit": cmd_retrofit}
 
 COMPUTE_COMMANDS = frozenset({"run", "train", "sample", "bench"})

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from attnlab._version import __version__
+from attnlab.errors import AttnlabError
 from attnlab.fsutil import atomic_write_text, write_error
 from attnlab.paths import MAX_NAME_LENGTH, safe_child
 
@@ -172,3 +173,22 @@ def bench_provenance(ctx: BenchContext, config: dict) -> dict:
             "params": ctx.model.num_parameters(), "threads": torch.get_num_threads(),
             "cache_policy": ctx.cache_policy,
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def bench_tokenizer(cfg, ctx: "BenchContext"):
+    """The run's tokenizer, else GPT-2 from ``cfg.tokenizer_path``; an ``AttnlabError`` without either
+    or when it has more tokens than the model."""
+    tok, path = ctx.tokenizer, getattr(cfg, "tokenizer_path", None)
+    if tok is None and path is not None:
+        from attnlab.config.data import TokenizerConfig
+        from attnlab.data.tokenizers import build_tokenizer
+
+        tok = build_tokenizer(TokenizerConfig(type="gpt2", path=path))
+    if tok is None:
+        raise AttnlabError(f"{getattr(cfg, 'type', 'this')} benchmark needs a tokenizer: the run has none (a bare checkpoint?); "
+                           "set the benchmark's tokenizer_path to a local .tiktoken file for GPT-2-tokenized models")
+    vocab = ctx.model.config.vocab_size
+    if tok.vocab_size > vocab:
+        raise AttnlabError(f"tokenizer {getattr(tok, 'name', tok)!r} has {tok.vocab_size} tokens but the model's "
+                           f"vocab_size is {vocab}")
+    return tok

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.context import BenchContext
+from attnlab.bench.context import BenchContext, bench_tokenizer
 from attnlab.config.bench import DownstreamBench, DownstreamTask
-from attnlab.errors import AttnlabError, DataError, InputError
+from attnlab.errors import DataError, InputError
 
 FORMATS = ("choice", "winogrande", "lambada", "hellaswag")
 TOKEN_BUDGET = 16384  # tokens per scoring forward (batch x padded length)
@@ -328,30 +328,13 @@ def evaluate_task(model, tokenizer, task: DownstreamTask) -> dict:
     return {"format": fmt, **result}
 
 
-def _tokenizer(cfg: DownstreamBench, ctx: BenchContext):
-    tok = ctx.tokenizer
-    if tok is None and cfg.tokenizer_path is not None:
-        from attnlab.config.data import TokenizerConfig
-        from attnlab.data.tokenizers import build_tokenizer
-
-        tok = build_tokenizer(TokenizerConfig(type="gpt2", path=cfg.tokenizer_path))
-    if tok is None:
-        raise AttnlabError("downstream benchmark needs a tokenizer: the run has none (a bare checkpoint?); "
-                           "set the benchmark's tokenizer_path to a local .tiktoken file for GPT-2-tokenized models")
-    vocab = ctx.model.config.vocab_size
-    if tok.vocab_size > vocab:
-        raise AttnlabError(f"tokenizer {getattr(tok, 'name', tok)!r} has {tok.vocab_size} tokens but the model's "
-                           f"vocab_size is {vocab}")
-    return tok
-
-
 @torch.no_grad()
 def run_downstream(cfg: DownstreamBench, ctx: BenchContext) -> list[dict]:
     """One row per task: ``task, format, n, acc, acc_stderr, acc_norm, acc_norm_stderr`` (None for
     LAMBADA), ``perplexity`` (LAMBADA, per item as lm-eval), ``ppl_per_token, nll_per_token`` (LAMBADA
     continuation tokens; None for choice tasks),
     ``continuation_tokens``, ``truncated`` (examples whose context was cut to fit block_size)."""
-    tokenizer = _tokenizer(cfg, ctx)
+    tokenizer = bench_tokenizer(cfg, ctx)
     rows = []
     for task in cfg.tasks:
         result = evaluate_task(ctx.model, tokenizer, task)

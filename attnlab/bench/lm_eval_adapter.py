@@ -25,6 +25,7 @@ arguments (``do_sample``, ``temperature``) are ignored: generation is greedy.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,3 +231,74 @@ def __getattr__(name: str):
     if name == "AttnlabLM":
         return lm_eval_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------- as a suite benchmark
+def _task_manager(include_path: list[str], tasks: list[str]):
+    """lm-eval's ``TaskManager`` for ``tasks``: the include paths alone when they define every task
+    (indexing lm-eval's own thousands of task YAMLs takes seconds), else with lm-eval's registry."""
+    from lm_eval.tasks import TaskManager
+
+    from attnlab.errors import ConfigError
+
+    for i, path in enumerate(include_path):
+        if not Path(path).is_dir():
+            raise ConfigError(f"include_path[{i}]", "is not a folder of lm-eval task YAML files", path)
+    if include_path:
+        local = TaskManager(include_path=list(include_path), include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=list(include_path) or None)
+
+
+def lm_eval_rows(results: dict) -> list[dict]:
+    """``simple_evaluate``'s result as flat rows: one per task x metric x filter with ``value``,
+    ``stderr`` (None where lm-eval gives none), ``n`` (documents scored), ``num_fewshot``, ``version``."""
+    rows = []
+    for task, metrics in results.get("results", {}).items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({"task": task, "metric": metric, "filter": filt, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n,
+                         "num_fewshot": results.get("n-shot", {}).get(task),
+                         "version": results.get("versions", {}).get(task)})
+    return rows
+
+
+def run_lm_eval(cfg, ctx) -> list[dict]:
+    """lm-eval's ``simple_evaluate`` on ``cfg.tasks`` (an ``LmEvalBench``) with ``AttnlabLM`` around
+    ``ctx.model`` (generation under ``cfg.policy``, else the run's cache policy); rows as
+    ``lm_eval_rows``. Unknown tasks, missing include folders and data lm-eval cannot load are
+    one-line errors."""
+    from attnlab.bench.context import bench_tokenizer
+
+    cls = lm_eval_class()  # a one-line error without lm-eval
+    import lm_eval
+
+    manager = _task_manager(cfg.include_path, cfg.tasks)
+    unknown = [t for t in cfg.tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        where = " or the include paths" if cfg.include_path else " (local task YAMLs: include_path)"
+        raise AttnlabError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's registry{where}")
+    lm = cls(ctx.model, bench_tokenizer(cfg, ctx), cache_policy=cfg.policy or ctx.cache_policy,
+             batch_size=cfg.batch_size)
+    seed = cfg.seed
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            bootstrap_iters=cfg.bootstrap_iters, task_manager=manager, log_samples=False, verbosity="ERROR",
+            random_seed=seed, numpy_random_seed=1234 + seed, torch_random_seed=1234 + seed,
+            fewshot_random_seed=1234 + seed)
+    except AttnlabError:
+        raise
+    except Exception as err:  # a task whose data lm-eval cannot fetch offline, a broken task YAML
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise AttnlabError(f"lm-eval failed on tasks {', '.join(cfg.tasks)}: {type(err).__name__}: {first}") from None
+    rows = lm_eval_rows(results or {})
+    if not rows:
+        raise AttnlabError(f"lm-eval returned no metrics for tasks {', '.join(cfg.tasks)}")
+    return rows

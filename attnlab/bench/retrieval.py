@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnlab.bench.context import bench_tokenizer
 from attnlab.cache import CachePolicy
 from attnlab.data.retrieval_tasks import (  # re-exported: the task generator lives below the data layer
     DEFAULT_NUM_KEYS,
@@ -64,7 +65,7 @@ from attnlab.data.retrieval_tasks import (  # re-exported: the task generator li
     _num_keys,
     make_task,
 )
-from attnlab.errors import AttnlabError, ConfigError
+from attnlab.errors import ConfigError
 from attnlab.infer.generate import generate
 from attnlab.infer.runtime import DecodeRuntime
 
@@ -217,20 +218,6 @@ def run_retrieval(model, tokenizer, *, kinds: Sequence[str] = KINDS, lengths: Se
 
 
 # ---------------------------------------------------------------- as a suite benchmark
-def bench_tokenizer(ctx, tokenizer_path: str | None = None):
-    """The run's tokenizer, else GPT-2 from a local ``.tiktoken`` file, else a one-line error."""
-    tok = ctx.tokenizer
-    if tok is None and tokenizer_path is not None:
-        from attnlab.config.data import TokenizerConfig
-        from attnlab.data.tokenizers import build_tokenizer
-
-        tok = build_tokenizer(TokenizerConfig(type="gpt2", path=tokenizer_path))
-    if tok is None:
-        raise AttnlabError("retrieval benchmark needs a tokenizer: the run has none (a bare checkpoint?); set the "
-                           "benchmark's tokenizer_path to a local .tiktoken file for GPT-2-tokenized models")
-    return tok
-
-
 def run_retrieval_bench(cfg, ctx) -> list[dict]:
     """``run_retrieval`` as a suite benchmark: ``cfg`` is a ``RetrievalBench`` spec (``kinds,
     lengths, depths, trials, policy, seed, num_keys, num_digits, filler`` ("sentences" |
@@ -244,7 +231,7 @@ def run_retrieval_bench(cfg, ctx) -> list[dict]:
             raise ConfigError("filler", "'heldout' needs the run's held-out tokens, and this run has none (use "
                               "filler: sentences)", cfg.filler)
         filler = np.asarray(ctx.heldout)
-    return run_retrieval(ctx.model, bench_tokenizer(ctx, cfg.tokenizer_path), kinds=cfg.kinds, lengths=cfg.lengths,
+    return run_retrieval(ctx.model, bench_tokenizer(cfg, ctx), kinds=cfg.kinds, lengths=cfg.lengths,
                          depths=cfg.depths, trials=cfg.trials, policy=resolve_policy(cfg.policy, ctx), seed=cfg.seed,
                          num_keys=cfg.num_keys, num_digits=cfg.num_digits, filler=filler, header=cfg.header,
                          batch_size=cfg.batch_size)

@@ -28,6 +28,7 @@ RUNNERS = {
     "quality": "attnlab.bench.quality:run_quality",
     "retrieval": "attnlab.bench.retrieval:run_retrieval_bench",
     "wikitext": "attnlab.bench.wikitext:run_wikitext",
+    "lm_eval": "attnlab.bench.lm_eval_adapter:run_lm_eval",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

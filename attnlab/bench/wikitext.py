@@ -24,7 +24,7 @@ import math
 import re
 from pathlib import Path
 
-from attnlab.bench.context import BenchContext
+from attnlab.bench.context import BenchContext, bench_tokenizer
 from attnlab.bench.downstream import score_requests
 from attnlab.bench.lm_eval_adapter import rolling_windows
 from attnlab.errors import AttnlabError, InputError
@@ -104,9 +104,7 @@ def run_wikitext(cfg, ctx: BenchContext) -> list[dict]:
     """One row: articles, words, bytes, tokens, ``word_perplexity`` (with its bootstrap interval
     over articles), ``byte_perplexity``, ``bits_per_byte``, ``token_perplexity``, per article
     log-likelihoods and word counts."""
-    from attnlab.bench.downstream import _tokenizer
-
-    tokenizer = _tokenizer(cfg, ctx)
+    tokenizer = bench_tokenizer(cfg, ctx)
     articles = read_articles(cfg.path, cfg.first_article, cfg.num_articles)
     block = ctx.model.config.block_size
     max_len = min(cfg.max_length or block, block)

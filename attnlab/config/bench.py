@@ -203,9 +203,35 @@ class WikitextBench(_BenchBase):
     _max_length = field_validator("max_length", mode="after")(_check_lengths)
 
 
+class LmEvalBench(_BenchBase):
+    """lm-evaluation-harness tasks through ``lm_eval.simple_evaluate`` with the ``AttnlabLM``
+    adapter (``attnlab.bench.lm_eval_adapter``; needs ``pip install attnlab[eval]``): one row per
+    task x metric (value, stderr, documents). Log-likelihoods use full forwards; generation tasks
+    decode through the cache under ``policy`` (default: the run's)."""
+
+    type: Literal["lm_eval"] = "lm_eval"
+    tasks: list[str] = Field(min_length=1, description="task (or group) names of lm-eval's registry or the include paths")
+    include_path: list[str] = Field(default_factory=list, description="folders of task YAML files (lm-eval's --include_path)")
+    limit: int | None = Field(None, gt=0, description="documents per task (lm-eval's --limit)")
+    num_fewshot: int | None = Field(None, ge=0)
+    policy: str | None = None
+    batch_size: int = Field(1, gt=0)
+    bootstrap_iters: int = Field(100000, ge=0, description="bootstrap resamples for the stderr of non-mean metrics")
+    seed: int = Field(0, ge=0, description="lm-eval's random seeds (few-shot sampling, shuffles)")
+    tokenizer_path: str | None = Field(None, description="local .tiktoken for GPT-2-tokenized checkpoints")
+
+    @field_validator("tasks", mode="after")
+    @classmethod
+    def _check_tasks(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if not name.strip() or "," in name:
+                raise ValueError(f"{_KEYED}[{i}]: task name {name!r} must be one non-empty name (no commas)")
+        return value
+
+
 BenchConfig = Annotated[
     Union[PerplexityBench, LatencyBench, MemoryBench, ContextSweepBench, DownstreamBench, QualityBench,
-          RetrievalBench, WikitextBench],
+          RetrievalBench, WikitextBench, LmEvalBench],
     Field(discriminator="type"),
 ]
 
