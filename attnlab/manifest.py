@@ -683,11 +683,23 @@ def _check_seq_len(model: ModelConfig, train: TrainConfig | None, mode: str, pre
 
 def _check_cache_fields(cache: CacheConfig, model: ModelConfig, path: str) -> None:
     """A cache section may only name fields some attention layer of the model stores."""
-    have = stored_fields(model.layer_dims())
+    dims = model.layer_dims()
+    have = stored_fields(dims)
     for name, fmt in cache.fields.items():
         if name not in have:
             raise ConfigError(f"{path}.{name}", f"this model's attention stores no {name!r} field "
                               f"(its fields: {', '.join(sorted(have))})", fmt)
+    for j, override in enumerate(cache.layers):
+        where = f"{path}.layers[{j}]"
+        missing = [i for i in override.layers if i >= len(dims)]
+        if missing:
+            raise ConfigError(f"{where}.layers", f"layer {missing[0]} does not exist (the model has {len(dims)} "
+                              f"attention layers, 0..{len(dims) - 1})", override.layers)
+        layer_fields = stored_fields([dims[i] for i in override.layers])
+        for name, fmt in override.fields.items():
+            if name not in layer_fields:
+                raise ConfigError(f"{where}.{name}", f"layers {override.layers} store no {name!r} field "
+                                  f"(their fields: {', '.join(sorted(layer_fields))})", fmt)
 
 
 def _source_config(ref: str, where: str, earlier: dict[str, ModelConfig]) -> ModelConfig:

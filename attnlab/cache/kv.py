@@ -226,7 +226,8 @@ class ModelCache:
         capacity = capacity if capacity is not None else model.config.block_size
         dims = [layer.dims for layer in model.attention_layers()]
         policy.check_fields(dims)
-        return cls([layer_cache(d, policy, batch, capacity, device, dtype) for d in dims], batch, capacity, policy)
+        return cls([layer_cache(d, policy.for_layer(i), batch, capacity, device, dtype) for i, d in enumerate(dims)],
+                   batch, capacity, policy)
 
     def check_rollback(self, lengths: list[int]) -> None:
         for b, n in enumerate(lengths):

@@ -4,7 +4,8 @@ A field's row is one token's values across all kv heads (kv_heads * head_dim). F
 keep rows as a cast tensor ``data`` (B, capacity, n); the block formats (q8_0, q4_0, nf4) keep
 the kernel-native planar layout of :mod:`attnlab.quant.planar`: ``codes`` (B, capacity,
 code_bytes) uint8 in element order and ``scales`` (B, capacity, blocks) fp16 — the same values
-and the same number of bytes as ggml's stream (``ggml_rows`` gives that stream back).
+and the same number of bytes as ggml's stream (``ggml_rows`` gives that stream back). fp8 fields
+keep their codes the same way and one float32 scale per row.
 
 Storage never grows or moves: a runtime allocates it for its maximum length, so pointers stay
 valid for captured CUDA graphs. Rows are quantized independently, so rolling back the length
@@ -37,7 +38,7 @@ class FieldStore:
         if self.format.quantized:
             code_bytes, blocks = planar.planar_widths(fmt, row_length)
             self.codes = torch.zeros(batch, capacity, code_bytes, dtype=torch.uint8, device=device)
-            self.scales = torch.zeros(batch, capacity, blocks, dtype=torch.float16, device=device)
+            self.scales = torch.zeros(batch, capacity, blocks, dtype=planar.scale_dtype(fmt), device=device)
         else:
             self.data = torch.zeros(batch, capacity, row_length, dtype=storage_dtype(fmt), device=device)
 

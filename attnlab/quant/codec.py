@@ -9,6 +9,8 @@ free. What ``quantize`` returns:
   for q8_0/q4_0 ``packed.cpu().numpy().tobytes()`` equals ``gguf.quants.quantize`` of the
   zero-padded row). A row that is not a whole number of blocks is zero-padded before quantizing;
   ``dequantize`` strips the padding given the original ``row_length``.
+* fp8_e4m3 / fp8_e5m2: a uint8 tensor (..., n + 4): the row's float32 scale, then one fp8 code
+  per value (:mod:`attnlab.quant.fp8`).
 
 Both functions are pure, vectorised torch (no loops over rows or blocks) and run on any device.
 Inputs of any floating dtype are widened to fp32 first (fp16/bf16 exactly; fp64 is rounded).
@@ -20,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from attnlab.quant import ggml, nf4
+from attnlab.quant import fp8, ggml, nf4
 from attnlab.quant.formats import get_format
 
 _FLOAT_DTYPES: dict[str, torch.dtype] = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -29,11 +31,15 @@ _QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q8_0": ggml.quantize_q8_0,
     "q4_0": ggml.quantize_q4_0,
     "nf4": nf4.quantize_nf4,
+    "fp8_e4m3": lambda x: fp8.quantize_fp8(x, "fp8_e4m3"),
+    "fp8_e5m2": lambda x: fp8.quantize_fp8(x, "fp8_e5m2"),
 }
 _DEQUANTIZERS: dict[str, Callable[[torch.Tensor, int, torch.dtype], torch.Tensor]] = {
     "q8_0": ggml.dequantize_q8_0,
     "q4_0": ggml.dequantize_q4_0,
     "nf4": nf4.dequantize_nf4,
+    "fp8_e4m3": lambda p, n, dtype: fp8.dequantize_fp8(p, "fp8_e4m3", n, dtype),
+    "fp8_e5m2": lambda p, n, dtype: fp8.dequantize_fp8(p, "fp8_e5m2", n, dtype),
 }
 
 

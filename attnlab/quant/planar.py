@@ -14,19 +14,28 @@ A row of n values therefore takes exactly ``Format.row_bytes(n)`` bytes, as in g
 (blocks x 34 / 18 / 34). ``to_ggml`` gives back the ggml byte stream of rows (what
 ``quant.quantize`` returns, and for q8_0/q4_0 what ``gguf.quants.quantize`` writes), so the
 byte-exactness tests run on the bytes this layout holds.
+
+The fp8 formats (:mod:`attnlab.quant.fp8`) share the interface with one block per row: ``codes``
+(..., n) are the fp8 bytes in element order, ``scales`` (..., 1) the row's float32 scale
+(``scale_dtype``), and ``to_ggml`` gives the packed row ``quant.quantize`` returns.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnlab.quant import ggml, nf4
+from attnlab.quant import fp8, ggml, nf4
 from attnlab.quant.blocks import num_blocks, pack_nibbles, unpack_nibbles
 from attnlab.quant.formats import get_format
 
 #: format -> (values per block, code bytes per block, bits per code)
 PLANAR_FORMATS: dict[str, tuple[int, int, int]] = {"q8_0": (32, 32, 8), "q4_0": (32, 16, 4), "nf4": (64, 32, 4)}
 _GGML_QUANTIZERS = {"q8_0": ggml.quantize_q8_0, "q4_0": ggml.quantize_q4_0, "nf4": nf4.quantize_nf4}
+
+
+def scale_dtype(fmt: str) -> torch.dtype:
+    """dtype of the ``scales`` plane: float32 for fp8's row scales, fp16 for the block formats."""
+    return torch.float32 if fmt in fp8.FP8_DTYPES else torch.float16
 
 
 def _check(fmt: str) -> tuple[int, int, int]:
@@ -38,6 +47,8 @@ def _check(fmt: str) -> tuple[int, int, int]:
 
 def planar_widths(fmt: str, row_length: int) -> tuple[int, int]:
     """(code bytes, scales) per row of ``row_length`` values."""
+    if fmt in fp8.FP8_DTYPES:
+        return row_length, 1
     qk, code_bytes, _ = _check(fmt)
     nb = num_blocks(row_length, qk)
     return nb * code_bytes, nb
@@ -59,18 +70,26 @@ def _ggml_blocks_to_planar(packed: torch.Tensor, fmt: str) -> tuple[torch.Tensor
 
 def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., n) float -> (codes (..., code_bytes) uint8, scales (..., blocks) fp16): the format's
-    exact values (a row that is not whole blocks is zero-padded first, as ggml does)."""
+    exact values (a row that is not whole blocks is zero-padded first, as ggml does); fp8: (codes
+    (..., n), float32 row scales (..., 1))."""
+    if fmt in fp8.FP8_DTYPES:
+        return fp8.quantize_planar(x, fmt)
     _check(fmt)
     return _ggml_blocks_to_planar(_GGML_QUANTIZERS[fmt](x), fmt)
 
 
 def from_ggml(packed: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml byte stream (..., blocks x block_bytes) -> (codes, scales)."""
+    """ggml byte stream (..., blocks x block_bytes) -> (codes, scales) (fp8: a packed row)."""
+    if fmt in fp8.FP8_DTYPES:
+        return fp8.unpack(packed, fmt, packed.shape[-1] - fp8.SCALE_BYTES)
     return _ggml_blocks_to_planar(packed, fmt)
 
 
 def to_ggml(codes: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
-    """(codes, scales) -> the rows' ggml byte stream (..., blocks x block_bytes) uint8."""
+    """(codes, scales) -> the rows' ggml byte stream (..., blocks x block_bytes) uint8 (fp8: the
+    packed row of ``quant.quantize``)."""
+    if fmt in fp8.FP8_DTYPES:
+        return fp8.pack(codes, scales)
     qk, code_bytes, bits = _check(fmt)
     nb = scales.shape[-1]
     if codes.dtype != torch.uint8 or codes.shape[-1] != nb * code_bytes:
@@ -95,6 +114,8 @@ def element_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, row_length: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(codes, scales) -> (..., row_length) ``dtype``; the products are exact in fp32."""
+    if fmt in fp8.FP8_DTYPES:
+        return fp8.dequantize_planar(codes, scales, fmt, row_length, dtype)
     qk, _, _ = _check(fmt)
     q = element_codes(codes, fmt)
     if fmt == "q4_0":
@@ -107,4 +128,5 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, row_length: 
     return values.flatten(-2)[..., :row_length].to(dtype)
 
 
-__all__ = ["PLANAR_FORMATS", "dequantize", "element_codes", "from_ggml", "planar_widths", "quantize", "to_ggml"]
+__all__ = ["PLANAR_FORMATS", "dequantize", "element_codes", "from_ggml", "planar_widths", "quantize", "scale_dtype",
+           "to_ggml"]

@@ -11,7 +11,8 @@ from attnlab.quant import FORMATS, dequantize, get_format, quantize, row_bytes, 
 ALL = list(FORMATS)
 PACKED = [f for f in ALL if FORMATS[f].quantized]
 # worst-case |x - dequantize(quantize(x))| relative to the row's absmax, generous
-TOLERANCE = {"fp64": 0.0, "fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "q8_0": 5e-3, "q4_0": 0.13, "nf4": 0.16}
+TOLERANCE = {"fp64": 0.0, "fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "q8_0": 5e-3, "q4_0": 0.13, "nf4": 0.16,
+             "fp8_e4m3": 0.0625, "fp8_e5m2": 0.125}
 
 
 def _rows(*shape: int, seed: int = 0) -> torch.Tensor:
