@@ -23,7 +23,8 @@ VARIANTS = {
     "mla": {"type": "mla", "num_heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
             "v_head_dim": 32},
 }
-FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "nf4", "k_sem=q4_0,k_geo=q8_0,k=q4_0,v=q4_0,c_kv=q4_0,k_rope=q8_0"]
+FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "nf4", "fp8_e4m3", "k_sem=q4_0,k_geo=q8_0,k=q4_0,v=q4_0,c_kv=q4_0,k_rope=q8_0",
+           "k_sem=fp8_e5m2,k_geo=fp8_e4m3,k=fp8_e4m3,v=fp8_e4m3,c_kv=fp8_e4m3,k_rope=fp8_e4m3;layers=1:q8_0"]
 
 
 def make_model(attention, dtype=torch.float32, seed=0):
@@ -48,7 +49,8 @@ def policy_for(fmt: str, variant: str) -> str:
     if "=" not in fmt:
         return fmt
     fields = set(make_model(VARIANTS[variant], dtype=torch.float32).config.layer_dims()[0].cache_fields)
-    return ",".join(p for p in fmt.split(",") if p.split("=")[0] in fields)
+    base, *layers = fmt.split(";")  # per-layer overrides (bare formats) pass through
+    return ";".join([",".join(p for p in base.split(",") if p.split("=")[0] in fields), *layers])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
