@@ -126,6 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
 
+    p = sub.add_parser("tune-cache", help="search KV-cache policies for a run under a quality guard; the choice "
+                                          "becomes the run's default policy",
+                       description="Search per-field cache formats, an exact tail and an edge-layer override: "
+                                   "KV bytes for every candidate, a short held-out dNLL screen (vs the fp16 cache), "
+                                   "then dNLL, KL(fp16 || candidate), decode ms/token and optionally retrieval "
+                                   "accuracy on the survivors. Writes <run>/tune/ (candidates, fronts, plot) and, "
+                                   "if a candidate meets every constraint, <run>/tuned_policy.json, which sample, "
+                                   "bench and eval then use by default.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--max-bytes-per-token", type=int, help="KV bytes per token, all layers")
+    p.add_argument("--max-ms-per-token", type=float, help="decode ms/token at --context")
+    p.add_argument("--max-dnll", type=float, default=0.01, help="held-out delta NLL vs the fp16 cache, nats/token "
+                                                                  "(default 0.01)")
+    p.add_argument("--max-kl", type=float, help="KL(fp16 cache || candidate), nats/token")
+    p.add_argument("--min-retrieval", type=float, help="exact-match accuracy on the retrieval suite")
+    p.add_argument("--formats", nargs="+", default=["fp16", "fp8_e4m3", "q8_0", "q4_0", "nf4"])
+    p.add_argument("--tails", nargs="+", type=int, default=[0], help="exact-tail lengths to try")
+    p.add_argument("--edge-format", default="q8_0", help="first/last layers override to try ('none': skip)")
+    p.add_argument("--windows", type=int, default=8, help="thorough stage: held-out windows")
+    p.add_argument("--seq-len", type=int, help="thorough stage: window length (default: min(block_size, 256))")
+    p.add_argument("--screen-windows", type=int, default=2)
+    p.add_argument("--screen-seq-len", type=int, default=64)
+    p.add_argument("--context", type=int, help="decode ms/token measured at this context (default: block_size)")
+    p.add_argument("--retrieval-lengths", nargs="+", type=int, help="retrieval suite prompt lengths "
+                                                                     "(default: half and all of block_size)")
+    p.add_argument("--retrieval-kinds", nargs="+", choices=["passkey", "multikey"], default=["passkey", "multikey"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
     p = sub.add_parser("report", help="regenerate a report folder from run folders (nothing re-measured)",
                        description="Write report.json, CSVs, LaTeX tables, PNG plots and report.md from "
                                    "finished run folders and their saved benchmark records.")
@@ -252,6 +280,9 @@ def cmd_sample(args, command: str) -> int:
     folder = RunFolder.of(args.ckpt)
     policy_text = args.cache_policy if args.cache_policy is not None else folder.cache_policy()
     policy = CachePolicy.parse(policy_text)  # a bad policy: ConfigError, one line
+    if args.cache_policy is None and policy_text is not None and policy_text == folder.tuned_policy():
+        print(f"cache policy: {policy.label} (tuned: {folder.tuned_policy_path}; --cache-policy overrides)",
+              file=sys.stderr)
     if args.max_new_tokens < 0:
         raise AttnlabError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.draft is not None and args.draft_k < 1:
@@ -380,6 +411,14 @@ def _bench_configs_from_args(args) -> list:
     return validate_benchmarks(specs, "bench")
 
 
+def _say_tuned(target) -> None:
+    """Say when a run's tuned cache policy is the default its benchmarks decode with."""
+    tuned = target.folder.tuned_policy() if target.config is not None else None
+    if tuned is not None:
+        print(f"cache policy: {tuned} (tuned: {target.folder.tuned_policy_path}; the benchmarks' own policies "
+              "override it)", file=sys.stderr)
+
+
 def _print_record(record) -> None:
     from attnlab.report.tables import Table, fmt
     from attnlab.summary import format_table
@@ -427,6 +466,7 @@ def cmd_bench(args, command: str) -> int:
     if args.overrides:
         raise AttnlabError("key=value overrides apply to manifest targets only")
     target = Target(args.target)
+    _say_tuned(target)
     for record in run_benchmarks(_bench_configs_from_args(args), target, command, save=target.config is not None,
                                  progress=lambda m: print(m, file=sys.stderr, flush=True)):
         _print_record(record)
@@ -448,12 +488,71 @@ def cmd_eval(args, command: str) -> int:
             "device": args.device, "dtype": args.dtype}
     (cfg,) = validate_benchmarks([{k: v for k, v in spec.items() if v is not None}], "eval")
     target = Target(args.target)
+    if args.cache_policy is None:
+        _say_tuned(target)
     for record in run_benchmarks([cfg], target, command, save=target.config is not None,
                                  progress=lambda m: print(m, file=sys.stderr, flush=True)):
         _print_record(record)
     if target.config is not None:
         print(f"\nrecord saved in {target.run_dir / 'bench'} ({cfg.name}.json, or {cfg.name}.<hash>.json beside "
               f"a record with other settings)")
+    return 0
+
+
+def cmd_tune_cache(args, command: str) -> int:
+    import torch
+
+    from attnlab.api import load
+    from attnlab.bench.nll import eval_windows
+    from attnlab.bench.tune_cache import Constraints, candidate_policies, tune_cache
+    from attnlab.report.tuning import describe, write_tune
+    from attnlab.runfolder import RunFolder
+
+    folder = RunFolder.of(args.run)
+    if folder.resolved_config() is None:
+        raise AttnlabError(f"{args.run}: not a run folder (tune-cache needs the run's held-out data)")
+    for name in ("windows", "screen_windows", "screen_seq_len"):
+        if getattr(args, name) < 1:
+            raise AttnlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttnlabError("--device cuda requested but CUDA is not available")
+    model = load(folder.path).to(device).eval()
+    block = model.config.block_size
+    seq_len = min(args.seq_len or min(block, 256), block)
+    candidates = candidate_policies(model, tuple(args.formats), tuple(args.tails),
+                                    None if args.edge_format == "none" else args.edge_format)
+    tokens, align = folder.heldout_tokens(with_align=True)
+    windows = eval_windows(tokens, seq_len, args.windows, align)
+    screen = eval_windows(tokens, min(args.screen_seq_len, seq_len), args.screen_windows, align)
+    accuracy = None
+    if args.min_retrieval is not None:
+        from attnlab.bench.tune_cache import retrieval_scorer
+
+        tokenizer = folder.tokenizer()
+        if tokenizer is None:
+            raise AttnlabError("--min-retrieval needs the run's tokenizer (this run has none)")
+        accuracy = retrieval_scorer(model, tokenizer, args.retrieval_lengths or [block // 2, block - 16],
+                                    kinds=args.retrieval_kinds)
+    constraints = Constraints(args.max_bytes_per_token, args.max_ms_per_token, args.max_dnll, args.max_kl,
+                              args.min_retrieval)
+    result = tune_cache(model, windows, constraints, screen_windows=screen, candidates=candidates,
+                        context=min(args.context or block, block), retrieval=accuracy,
+                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = write_tune(result, folder.path, command)
+    print(f"\nfront (bytes x dNLL), {len(result.front())} of {len(result.thorough)} thorough candidates:")
+    for c in result.front():
+        print("  " + describe(c))
+    print(f"evidence: {paths['json'].parent}")
+    if result.chosen is None:
+        lines = [f"no candidate meets the constraints ({', '.join(f'{k}={v}' for k, v in vars(constraints).items() if v is not None)}); closest:"]
+        for c, misses in result.closest():
+            lines.append(f"  {c.policy}: " + ", ".join(f"{k} missed by {v:.4g}" for k, v in misses.items()))
+        print("\n".join(lines), file=sys.stderr)
+        raise AttnlabError("tune-cache: nothing chosen (no candidate met every constraint; see above)")
+    print(f"chosen: {describe(result.chosen)}\nwritten to {paths['tuned_policy']} "
+          "(sample, bench and eval use it by default; --cache-policy overrides)")
     return 0
 
 
@@ -518,7 +617,7 @@ def cmd_retrofit(args, command: str) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "train": cmd_train, "sample": cmd_sample,
-            "bench": cmd_bench, "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare,
+            "bench": cmd_bench, "eval": cmd_eval, "tune-cache": cmd_tune_cache, "report": cmd_report, "export": cmd_export, "prepare": cmd_prepare,
             "retrofit": cmd_retrofit}
 
 COMPUTE_COMMANDS = frozenset({"run", "train", "sample", "bench"})

@@ -9,6 +9,8 @@ A run folder ``<out_dir>/<manifest name>/<group>/<run id>/`` holds::
                            model-only ones (``save_model``)
     heldout.json           runs whose data was prepared at run time (teacher samples): where the
                            held-out tokens are, ``{"path", "val_start", "align"}``
+    tuned_policy.json      the cache policy ``attnlab tune-cache`` chose, with its evidence (decoding
+                           uses it by default); tune/ holds every candidate, the fronts and plots
     surgery.json, verify.json, bench/<name>.json (a record with other settings beside it as bench/<name>.<hash8>.json), previous/<time>/ (an earlier attempt), .lock
 
 Prepared token files are shared by the runs of a manifest: ``data.cache_dir``, else
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 #: ones ``attnlab.provenance`` writes; checkpoint and event names come from the trainer)
 RESOLVED_CONFIG, ENV, COMMAND = "resolved_config.json", "env.json", "command.txt"
 HELDOUT, BENCH, PREVIOUS = "heldout.json", "bench", "previous"
+TUNED_POLICY, TUNE = "tuned_policy.json", "tune"
 CHECKPOINT_REQUIRED = ("format", "version", "model_config", "model")
 
 __all__ = ["BEST", "EVENTS", "LAST", "RESOLVED_CONFIG", "ENV", "COMMAND", "HELDOUT", "BENCH", "PREVIOUS",
@@ -225,9 +228,37 @@ class RunFolder:
         return build_tokenizer(cfg) if cfg is not None else None
 
     def cache_policy(self) -> str | None:
-        """The run's manifest ``cache`` section as a ``--cache-policy`` string (None if unset)."""
+        """The policy the run decodes with by default: the one ``attnlab tune-cache`` chose
+        (``tuned_policy.json``), else the manifest's ``cache`` section as a ``--cache-policy``
+        string (None if neither)."""
+        tuned = self.tuned_policy()
+        if tuned is not None:
+            return tuned
         section = self.section("cache", self.resolved_config() or {})
         return validate_section(CacheConfig, section, "cache").policy_text() or None
+
+    @property
+    def tuned_policy_path(self) -> Path:
+        return self.path / TUNED_POLICY
+
+    def tuned_policy(self) -> str | None:
+        """The policy ``attnlab tune-cache`` chose for this run (None when it chose none)."""
+        path = self.tuned_policy_path
+        if not path.is_file():
+            return None
+        data = read_json_object(path, TUNED_POLICY)
+        policy = data.get("policy")
+        if not isinstance(policy, str) or not policy:
+            raise CheckpointError(f"{path}: 'policy' must be a non-empty policy string")
+        return policy
+
+    def write_tuned_policy(self, record: dict) -> Path:
+        """Write ``tuned_policy.json`` (the chosen policy and its evidence) atomically."""
+        import json
+
+        from attnlab.fsutil import atomic_write_text
+
+        return atomic_write_text(self.tuned_policy_path, json.dumps(record, indent=2) + "\n")
 
     # data
     def heldout_tokens(self, *, with_align: bool = False):
