@@ -130,7 +130,10 @@ class CachePolicy:
         parts = ([self.default] if self.default else []) + [f"{k}={v}" for k, v in self.formats.items()]
         if self.tail:
             parts.append(f"tail={self.tail}")
-        return ";".join([",".join(parts) or "native", *(o.label for o in self.layers)])
+        base = ",".join(parts)
+        if not self.layers:
+            return base or "native"
+        return ";".join([base, *(o.label for o in self.layers)])  # parses back (an empty base: native)
 
 
 def _check_named(formats: dict[str, str], dims: list[AttentionDims], where: str) -> None:
@@ -151,8 +154,10 @@ def _layer_indices(text: str) -> tuple[int, ...]:
             first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
             raise ConfigError("cache_policy.layers", "expected layer indices like 0,21 or 0-3", text) from None
-        if last < first or last - first > 100_000:
+        if last < first:
             raise ConfigError("cache_policy.layers", "a layer range must be ascending (a-b with a <= b)", part)
+        if last - first > 100_000:
+            raise ConfigError("cache_policy.layers", "a layer range may span at most 100,000 layers", part)
         out.extend(range(first, last + 1))
     return tuple(dict.fromkeys(out))
 

@@ -29,6 +29,8 @@ def test_text_and_mapping_forms_agree_and_later_overrides_win():
         assert [policy.for_layer(i).formats for i in range(4)] == want
         assert [policy.for_layer(i).default for i in range(4)] == defaults
     assert CachePolicy.parse("q8_0").for_layer(5) == CachePolicy.parse("q8_0")
+    only = CachePolicy.parse(";layers=1:q4_0")  # no base: the model's own dtype elsewhere
+    assert CachePolicy.parse(only.label).for_layer(1).default == "q4_0" and only.for_layer(0).default is None
 
 
 @torch.no_grad()
