@@ -108,12 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run folder or checkpoint; saves a bench record",
                        description="Evaluate with lm-evaluation-harness (pip install attnlab[eval]): "
                                    "lm_eval.simple_evaluate with attnlab's AttnlabLM adapter. Task names come from "
-                                   "lm-eval's registry (their data is downloaded by lm-eval: needs network) or from "
-                                   "--include-path folders of task YAMLs (configs/lm_eval/ holds offline tasks over "
-                                   "../shared/data/eval). The result is saved as <run_dir>/bench/<id>.json, "
-                                   "so reports pick it up.")
+                                   "lm-eval's registry (their data is downloaded by lm-eval: needs network), from "
+                                   "--include-path folders of task YAMLs, or are local multiple-choice JSONL files "
+                                   "({query, choices, gold}) given as --local-task NAME=PATH (offline). The result is "
+                                   "saved as <run_dir>/bench/<id>.json, so reports pick it up.")
     p.add_argument("target", type=Path, help="run folder or checkpoint")
-    p.add_argument("--tasks", required=True, help="comma-separated task or group names")
+    p.add_argument("--tasks", default="", help="comma-separated task or group names")
+    p.add_argument("--local-task", action="append", default=[], metavar="NAME=PATH",
+                   help="a local JSONL of {query, choices, gold} records as the task NAME (repeatable)")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of lm-eval task YAML files (repeatable)")
     p.add_argument("--limit", type=int, help="documents per task")
@@ -482,7 +484,14 @@ def cmd_eval(args, command: str) -> int:
     from attnlab.bench.suite import Target, run_benchmarks
     from attnlab.config.bench import validate_benchmarks
 
-    spec = {"type": "lm_eval", "tasks": [t.strip() for t in args.tasks.split(",")], "include_path": args.include_path,
+    local = {}
+    for item in args.local_task:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise AttnlabError(f"--local-task expects NAME=PATH, got {item!r}")
+        local[name.strip()] = path.strip()
+    spec = {"type": "lm_eval", "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
+            "local_tasks": local, "include_path": args.include_path,
             "limit": args.limit, "num_fewshot": args.num_fewshot, "policy": args.cache_policy,
             "batch_size": args.batch_size, "seed": args.seed, "tokenizer_path": args.tokenizer_path, "id": args.id,
             "device": args.device, "dtype": args.dtype}

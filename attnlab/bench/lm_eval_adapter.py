@@ -25,6 +25,7 @@ arguments (``do_sample``, ``temperature``) are ignored: generation is greedy.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ import torch
 from attnlab.bench.downstream import encode_pair, score_requests
 from attnlab.bench.latency import chunked_prefill, greedy_next
 from attnlab.cache import CachePolicy
-from attnlab.errors import AttnlabError
+from attnlab.bench.lm_eval_local import write_local_tasks
+from attnlab.errors import AttnlabError, DataError
 from attnlab.infer.runtime import DecodeRuntime
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -270,7 +272,8 @@ def lm_eval_rows(results: dict) -> list[dict]:
 
 
 def run_lm_eval(cfg, ctx) -> list[dict]:
-    """lm-eval's ``simple_evaluate`` on ``cfg.tasks`` (an ``LmEvalBench``) with ``AttnlabLM`` around
+    """lm-eval's ``simple_evaluate`` on ``cfg.tasks`` and ``cfg.local_tasks`` (an ``LmEvalBench``;
+    local JSONL files become tasks in a temporary include folder) with ``AttnlabLM`` around
     ``ctx.model`` (generation under ``cfg.policy``, else the run's cache policy); rows as
     ``lm_eval_rows``. Unknown tasks, missing include folders and data lm-eval cannot load are
     one-line errors."""
@@ -279,17 +282,31 @@ def run_lm_eval(cfg, ctx) -> list[dict]:
     cls = lm_eval_class()  # a one-line error without lm-eval
     import lm_eval
 
-    manager = _task_manager(cfg.include_path, cfg.tasks)
-    unknown = [t for t in cfg.tasks if t not in set(manager.all_tasks)]
-    if unknown:
-        where = " or the include paths" if cfg.include_path else " (local task YAMLs: include_path)"
-        raise AttnlabError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's registry{where}")
-    lm = cls(ctx.model, bench_tokenizer(cfg, ctx), cache_policy=cfg.policy or ctx.cache_policy,
-             batch_size=cfg.batch_size)
+    for name, path in cfg.local_tasks.items():
+        if not Path(path).is_file():
+            raise DataError(f"local task {name}: {path} is not a file (a JSONL of {{query, choices, gold}} records)")
+    with tempfile.TemporaryDirectory(prefix="attnlab-lm-eval-") as tmp:
+        include = list(cfg.include_path) + ([str(write_local_tasks(cfg.local_tasks, tmp))] if cfg.local_tasks else [])
+        manager = _task_manager(include, cfg.all_tasks)
+        unknown = [t for t in cfg.all_tasks if t not in set(manager.all_tasks)]
+        if unknown:
+            where = " or the include paths" if include else " (local files: local_tasks; task YAMLs: include_path)"
+            raise AttnlabError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's registry{where}")
+        lm = cls(ctx.model, bench_tokenizer(cfg, ctx), cache_policy=cfg.policy or ctx.cache_policy,
+                 batch_size=cfg.batch_size)
+        results = _evaluate(lm_eval, lm, cfg, manager)
+    rows = lm_eval_rows(results or {})
+    if not rows:
+        raise AttnlabError(f"lm-eval returned no metrics for tasks {', '.join(cfg.all_tasks)}")
+    return rows
+
+
+def _evaluate(lm_eval, lm, cfg, manager) -> dict | None:
+    """``simple_evaluate`` with the spec's settings; lm-eval's own failures as one line."""
     seed = cfg.seed
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=cfg.all_tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             bootstrap_iters=cfg.bootstrap_iters, task_manager=manager, log_samples=False, verbosity="ERROR",
             random_seed=seed, numpy_random_seed=1234 + seed, torch_random_seed=1234 + seed,
             fewshot_random_seed=1234 + seed)
@@ -297,8 +314,5 @@ def run_lm_eval(cfg, ctx) -> list[dict]:
         raise
     except Exception as err:  # a task whose data lm-eval cannot fetch offline, a broken task YAML
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise AttnlabError(f"lm-eval failed on tasks {', '.join(cfg.tasks)}: {type(err).__name__}: {first}") from None
-    rows = lm_eval_rows(results or {})
-    if not rows:
-        raise AttnlabError(f"lm-eval returned no metrics for tasks {', '.join(cfg.tasks)}")
-    return rows
+        raise AttnlabError(f"lm-eval failed on tasks {', '.join(cfg.all_tasks)}: {type(err).__name__}: "
+                           f"{first}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from attnlab.config.base import _KEYED, StrictModel
 from attnlab.config.limits import check_count, limits_from
@@ -210,7 +210,9 @@ class LmEvalBench(_BenchBase):
     decode through the cache under ``policy`` (default: the run's)."""
 
     type: Literal["lm_eval"] = "lm_eval"
-    tasks: list[str] = Field(min_length=1, description="task (or group) names of lm-eval's registry or the include paths")
+    tasks: list[str] = Field(default_factory=list, description="task (or group) names of lm-eval's registry or the include paths")
+    local_tasks: dict[str, str] = Field(default_factory=dict, description="task name -> a local multiple-choice JSONL "
+                                        "file ({query, choices, gold}) evaluated as an lm-eval task")
     include_path: list[str] = Field(default_factory=list, description="folders of task YAML files (lm-eval's --include_path)")
     limit: int | None = Field(None, gt=0, description="documents per task (lm-eval's --limit)")
     num_fewshot: int | None = Field(None, ge=0)
@@ -227,6 +229,26 @@ class LmEvalBench(_BenchBase):
             if not name.strip() or "," in name:
                 raise ValueError(f"{_KEYED}[{i}]: task name {name!r} must be one non-empty name (no commas)")
         return value
+
+    @field_validator("local_tasks", mode="after")
+    @classmethod
+    def _check_local(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
+                raise ValueError(f"local task name {name!r} must be a plain name ([A-Za-z0-9_.-], <= 100)")
+        return value
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "LmEvalBench":
+        if not self.tasks and not self.local_tasks:
+            raise ValueError("name at least one task (tasks) or local JSONL file (local_tasks)")
+        return self
+
+    @property
+    def all_tasks(self) -> list[str]:
+        return list(dict.fromkeys([*self.tasks, *self.local_tasks]))
 
 
 BenchConfig = Annotated[

@@ -2,6 +2,7 @@
 subclass of ``lm_eval.api.model.LM`` only where lm_eval is installed."""
 
 import importlib
+import importlib.util
 import sys
 from types import SimpleNamespace
 
@@ -129,3 +130,29 @@ def test_subclass_of_the_harness_lm(model):
     assert rolling == pytest.approx(AttnlabLMCore(model, TOK).loglikelihood_rolling([req("Hello world")])[0])
     (text,) = lm.generate_until(requests[2:])
     assert isinstance(text, str) and "\n" not in text
+
+
+def test_lm_eval_spec_needs_a_task_and_plain_local_names():
+    from attnlab.config.bench import validate_benchmarks
+    from attnlab.errors import ConfigError
+
+    (spec,) = validate_benchmarks([{"type": "lm_eval", "local_tasks": {"arc": "a.jsonl"}, "tasks": ["piqa", "arc"]}],
+                                  "bench")
+    assert spec.all_tasks == ["piqa", "arc"]
+    for bad, needle in (({}, "at least one task"), ({"local_tasks": {"../x": "a.jsonl"}}, "plain name"),
+                        ({"tasks": ["a,b"]}, "no commas")):
+        with pytest.raises(ConfigError, match=needle):
+            validate_benchmarks([{"type": "lm_eval", **bad}], "bench")
+
+
+def test_local_task_yaml_names_the_file_and_the_loader(tmp_path):
+    from attnlab.bench.lm_eval_local import LOADER_MODULE, load_jsonl, write_local_tasks
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text('{"query": "Q: 1+1?", "choices": ["2", "3"], "gold": 0}\n\n', encoding="utf-8")
+    folder = write_local_tasks({"mine": str(data)}, tmp_path / "tasks")
+    text = (folder / "mine.yaml").read_text()
+    assert "task: \"mine\"" in text and str(data.resolve()) in text and f"!function {LOADER_MODULE}.load_jsonl" in text
+    assert (folder / f"{LOADER_MODULE}.py").is_file()
+    if importlib.util.find_spec("datasets") is not None:
+        assert load_jsonl(str(data), version=1.0)["test"][0] == {"query": "Q: 1+1?", "choices": ["2", "3"], "gold": 0}

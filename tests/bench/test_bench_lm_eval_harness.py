@@ -1,7 +1,7 @@
 """attnlab against lm-evaluation-harness itself (skipped without lm_eval): the same requests through
 lm-eval's ``hf`` model on an exported folder and through ``AttnlabLM`` give the same log-likelihoods
 and choices (standard -> Llama and DBA -> partial-rotary Phi3 exports, contexts with trailing
-whitespace); ``attnlab eval`` runs a shipped local task, saves a bench record, and scores what
+whitespace); ``attnlab eval`` runs a local JSONL file as a task, saves a bench record, and scores what
 attnlab's own downstream benchmark scores on the same file."""
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def test_attnlab_eval_runs_a_shipped_task_and_matches_the_downstream_bench(tmp_p
                    data=DataConfig.model_validate({"source": "embedded", "max_tokens": 20000}),
                    train=train_config(steps=2, eval_every=2, log_every=2))
     execute_run(run, "test")
-    rc = main(["eval", str(run.run_dir), "--tasks", "attnlab_arc_easy", "--include-path",
-               str(REPO / "configs" / "lm_eval"), "--limit", "12"])
+    rc = main(["eval", str(run.run_dir), "--local-task", f"attnlab_arc_easy={EVAL / 'arc_easy.jsonl'}",
+               "--limit", "12"])
     assert rc == 0 and "attnlab_arc_easy" in capsys.readouterr().out
     record = json.loads((run.run_dir / "bench" / "lm_eval.json").read_text())
     assert record["type"] == "lm_eval" and record["settings"]
@@ -104,8 +104,8 @@ def test_attnlab_eval_runs_a_shipped_task_and_matches_the_downstream_bench(tmp_p
     (ours,) = run_benchmarks([spec], Target(run.run_dir), save=False, progress=lambda m: None)
     assert got["acc"]["value"] == pytest.approx(ours.rows[0]["acc"])
     assert got["acc_norm"]["value"] == pytest.approx(ours.rows[0]["acc_norm"])
-    assert main(["eval", str(run.run_dir), "--tasks", "no_such_task", "--include-path",
-                 str(REPO / "configs" / "lm_eval")]) == 2
+    assert main(["eval", str(run.run_dir), "--tasks", "no_such_task", "--local-task",
+                 f"attnlab_arc_easy={EVAL / 'arc_easy.jsonl'}"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
 
 
